@@ -1,0 +1,1935 @@
+"""goev -- a reactor for Python networking, in one file.
+
+goev.py is the Python port of goev (github.com/shaovie/goev), the Go reactor
+library modelled on ACE's Reactor.  A *reactor* waits for the kernel to say
+"this socket is ready", then calls the one object in charge of that socket.
+There are no coroutines and no futures: just objects with ``on_read`` /
+``on_write`` / ``on_timeout`` / ``on_close`` methods, and a loop that calls
+them.  It is standard library only, and meant to be copied into a project,
+run from the command line (``python -m goev echo :8080``) and read.
+
+A complete echo server::
+
+    import goev
+
+    class Echo(goev.IOHandle):
+        def on_read(self):
+            data = self.read()          # memoryview of the poller's buffer
+            if data is None:            # spurious wake-up: nothing to read
+                return True
+            self.write(data)            # empty data (end of stream) too
+            return bool(data)           # False closes (after the flush)
+
+    with goev.Reactor() as r:
+        goev.Acceptor(r, ":8080", Echo)
+        r.run()                         # until r.stop() or Ctrl-C
+
+Threading model
+---------------
+A ``Reactor`` owns N *pollers*.  Each poller is one thread with one epoll fd
+(or one ``selectors`` selector), its own timer heap, its own read buffer and
+an inbox for work sent from other threads.  A handler is placed on
+``poller[fd % N]`` when it is registered and stays there for life, so every
+callback of one handler runs on one thread, one at a time, and handlers need
+no locks.  Other threads talk to a handler only through ``async_write``,
+``close`` (both routed through the inbox when called off-thread),
+``Reactor.post``/``post_to`` and ``Reactor.call_later``.  Under the GIL the
+pollers give concurrency, not parallelism: use ``serve(workers=N)`` (several
+processes sharing a port) to use every core.
+
+How to read this file (top to bottom, each name defined before use)
+---------------------------------------------------------------------
+ 1. Imports, ``__all__``, ``__version__``
+ 2. Constants, tunables, error sets and exceptions
+ 3. Small helpers: addresses, sockets, logging
+ 4. Poller backends: epoll, selectors, and the waker
+ 5. The timer heap (4-ary) and ``Timer``
+ 6. ``IOHandle``: the handler base (callbacks, read, write, close)
+ 7. ``_Poller``: one thread, one loop -- the heart of the reactor
+ 8. ``Reactor``: N pollers, placement, start/stop, cross-thread posts
+ 9. ``Acceptor``: listening sockets
+10. ``Connector``: non-blocking connects
+11. ``ConnectPool``: a pool of client connections
+12. The command line: ``python -m goev echo ADDR``
+
+Linux uses epoll; other platforms (and ``backend="selectors"``) use the
+``selectors`` module with the same behaviour.  CPython 3.9+.  MIT licence.
+"""
+
+from __future__ import annotations
+
+# =============================================================================
+# 1. Imports, __all__, __version__
+# =============================================================================
+
+import collections
+import errno
+import itertools
+import logging
+import math
+import os
+import select
+import selectors
+import socket
+import stat
+import sys
+import threading
+import time
+from typing import Any, Callable, Optional, Union
+
+__all__ = [
+    "EV_IN", "EV_OUT", "EV_ET",
+    "Reactor", "IOHandle", "Timer",
+    "Acceptor", "Connector", "ConnectPool",
+    "parse_address",
+]
+__version__ = "0.1.0"
+
+
+# =============================================================================
+# 2. Constants, tunables, error sets and exceptions
+# =============================================================================
+# The event bits are epoll's own, so the epoll backend passes them through
+# untouched; the selectors backend translates.  Every tunable has its reason.
+
+EV_IN = 0x001            #: readable (EPOLLIN); with epoll goev adds EPOLLRDHUP
+EV_OUT = 0x004           #: writable (EPOLLOUT)
+EV_ET = 1 << 31          #: edge-triggered (EPOLLET); epoll only, LT elsewhere
+
+_EPOLLERR = 0x008
+_EPOLLHUP = 0x010
+_EPOLLRDHUP = 0x2000
+_HUP_ERR = _EPOLLHUP | _EPOLLERR
+# Anything that means "go and read": data, peer FIN (RDHUP), hang-up, error.
+# Reading is how pending bytes get delivered before a FIN/RST is acted on.
+_IN_ANY = EV_IN | _EPOLLRDHUP | _EPOLLHUP | _EPOLLERR
+_EV_ALL = EV_IN | EV_OUT | EV_ET
+
+DEFAULT_READ_BUFFER = 65536     # one shared buffer per poller; 64 KiB = a full socket read
+DEFAULT_HIGH_WATER = 64 * 1024  # above this many queued bytes a handler stops reading
+DEFAULT_LOW_WATER = 16 * 1024   # ... and resumes below this (asyncio's defaults)
+_ACCEPT_BATCH = 128             # accepts per readiness: bounded so one listener cannot starve I/O
+_ACCEPT_RETRY_MS = 100          # pause after EMFILE & co. before accepting again
+_INBOX_BATCH = 1024             # cross-thread items per loop pass: a flood cannot starve I/O
+_SENDMSG_MAX = 64               # queued buffers gathered into one sendmsg()
+_MAX_POLL_TIMEOUT = 86400.0     # epoll takes an int of ms: clamp far timers to a day
+_COMPACT_MIN = 64               # lazily cancelled timers tolerated before compaction is considered
+
+# Errors that mean "the peer is gone": close quietly, never log a traceback.
+_DISCONNECTED = frozenset((errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN,
+                           errno.ESHUTDOWN, errno.ECONNABORTED, errno.ETIMEDOUT,
+                           errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EBADF))
+# accept() errors that mean "out of a resource, try again later".  Linux keeps
+# reporting the listener readable, so retrying at once would spin: pause instead.
+_ACCEPT_TRANSIENT = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+# accept() errors about one aborted connection: skip it, keep accepting.
+_ACCEPT_SKIP = frozenset((errno.ECONNABORTED, errno.EPERM, errno.EPROTO))
+
+
+# =============================================================================
+# 3. Small helpers: addresses, sockets, logging
+# =============================================================================
+# Address parsing is the one place user strings become sockaddrs, so every
+# bad input gets a ValueError/TypeError that names it.  Nothing here prints.
+
+_log = logging.getLogger("goev")
+_get_ident = threading.get_ident
+_monotonic = time.monotonic
+
+
+def parse_address(addr: Union[str, tuple], *, resolve: bool = True) -> tuple:
+    """Turn a goev address into ``(family, sockaddr)``.
+
+    Accepted forms: ``":8080"`` (all IPv4 interfaces), ``"127.0.0.1:8080"``,
+    ``"[::1]:8080"``, ``"localhost:8080"``, ``("host", port)``,
+    ``"unix:/path"`` and ``"unix:@name"`` (Linux abstract namespace).
+    Host names are resolved with ``getaddrinfo`` in the calling thread, which
+    may block.  Raises TypeError for a non-str/tuple, ValueError for a
+    malformed address or a port outside 0..65535, socket.gaierror (an OSError)
+    naming the host when it does not resolve.  Any thread.
+    """
+    if isinstance(addr, tuple):
+        if len(addr) < 2 or not isinstance(addr[0], str):
+            raise ValueError("address tuple must be (host, port), got %r" % (addr,))
+        host, port = addr[0], _check_port(addr[1], addr)
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+    elif isinstance(addr, str):
+        if addr.startswith("unix:"):
+            path = addr[5:]
+            if not path or "\0" in path:
+                raise ValueError("empty or NUL-containing unix address %r" % addr)
+            if path.startswith("@"):
+                path = "\0" + path[1:]
+            if len(path.encode()) > 107:
+                raise ValueError("unix socket path too long (max 107 bytes): %r" % addr)
+            return socket.AF_UNIX, path
+        host, sep, port_s = addr.rpartition(":")
+        if not sep or not port_s:
+            raise ValueError("address %r has no port (expected HOST:PORT)" % addr)
+        if host.startswith("["):
+            if not host.endswith("]"):
+                raise ValueError("malformed IPv6 address %r (expected [HOST]:PORT)" % addr)
+            host = host[1:-1]
+        elif ":" in host:
+            raise ValueError("IPv6 address %r must be bracketed: [HOST]:PORT" % addr)
+        if not port_s.isdigit():
+            raise ValueError("port of address %r is not a number" % addr)
+        port = _check_port(int(port_s), addr)
+        if not host:
+            host = "0.0.0.0"          # ":8080" means all IPv4 interfaces (as in Go goev)
+    else:
+        raise TypeError("address must be a str or a (host, port) tuple, got %r" % (addr,))
+    for fam in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(fam, host.partition("%")[0])
+        except OSError:
+            continue
+        if fam == socket.AF_INET:
+            return fam, (host, port)
+        return fam, socket.getaddrinfo(host, port, fam, socket.SOCK_STREAM)[0][4]
+    if not host or any(c in host for c in " /\\@[]"):
+        raise ValueError("malformed host in address %r" % (addr,))
+    if not resolve:
+        return socket.AF_UNSPEC, (host, port)
+    try:
+        info = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise socket.gaierror(e.errno, "%s: %r" % (e.strerror, host)) from None
+    return info[0][0], info[0][4]
+
+
+def _check_port(port: Any, addr: Any) -> int:
+    if not isinstance(port, int) or isinstance(port, bool):
+        raise TypeError("port must be an int, got %r in %r" % (port, addr))
+    if not 0 <= port <= 65535:
+        raise ValueError("port %d out of range 0..65535 in %r" % (port, addr))
+    return port
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    """Validate an integer argument; the message names it and its value."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError("%s must be an int, got %r" % (name, value))
+    if value < minimum:
+        raise ValueError("%s must be >= %d, got %r" % (name, minimum, value))
+    return value
+
+
+def _check_delay(name: str, value: Any) -> float:
+    """Validate a delay (seconds or ms): a real number, >= 0, not NaN (inf is fine)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError("%s must be a number, got %r" % (name, value))
+    if value != value or value < 0:
+        raise ValueError("%s must be >= 0 and not NaN, got %r" % (name, value))
+    return float(value)
+
+
+def _safe_repr(obj: object) -> str:
+    try:
+        return repr(obj)
+    except Exception:                     # a user __repr__ must not hide the real error
+        return "<%s object at %#x>" % (type(obj).__name__, id(obj))
+
+
+def _oserror(code: int, what: str = "") -> OSError:
+    """OSError(code) picks the subclass: ConnectionRefusedError, TimeoutError, ..."""
+    msg = os.strerror(code)
+    return OSError(code, "%s: %s" % (msg, what) if what else msg)
+
+
+# =============================================================================
+# 4. Poller backends: epoll, selectors, and the waker
+# =============================================================================
+# A backend is five methods: register(fd, ev), modify(fd, ev), unregister(fd),
+# poll(timeout) -> [(fd, ev)], close().  Events use the EV_* / epoll bits.
+#
+# Facts about epoll worth knowing (epoll(7)):
+# - epoll watches the *open file description*, not the fd number.  close(fd)
+#   removes it only if no dup() (or forked child) holds the description; so
+#   goev always unregisters *before* closing, and closes at the end of a batch
+#   so the number cannot be reused (by accept on another poller) while events
+#   for it are still being dispatched.
+# - EPOLLHUP and EPOLLERR are always reported, asked for or not.  Data that
+#   arrived before a FIN or RST is still readable when they are: read first.
+# - EPOLLRDHUP says "the peer sent FIN" (half-close); goev asks for it with
+#   EV_IN only, so a handler that stopped reading is not woken by it forever.
+# - Level-triggered (the default) repeats readiness until it is consumed; with
+#   EV_ET a handler must read until read() returns None.
+
+class _EpollBackend:
+    """epoll, level-triggered unless EV_ET; EV_IN also asks for EPOLLRDHUP."""
+    __slots__ = ("_ep", "poll")
+    name = "epoll"
+    threadsafe_ctl = True      # epoll_ctl from another thread is safe and immediate
+
+    def __init__(self) -> None:
+        self._ep = select.epoll()            # CPython opens it with EPOLL_CLOEXEC
+        self.poll = self._ep.poll            # poll(timeout_s, -1): -1 blocks forever
+
+    def register(self, fd: int, ev: int) -> None:
+        self._ep.register(fd, ev | _EPOLLRDHUP if ev & EV_IN else ev)
+
+    def modify(self, fd: int, ev: int) -> None:
+        self._ep.modify(fd, ev | _EPOLLRDHUP if ev & EV_IN else ev)
+
+    def unregister(self, fd: int) -> None:
+        try:
+            self._ep.unregister(fd)
+        except OSError:      # closed behind our back (EBADF) or already gone (ENOENT)
+            pass
+
+    def close(self) -> None:
+        self._ep.close()
+
+
+class _SelectorsBackend:
+    """The same contract over the ``selectors`` module (kqueue, poll, select).
+
+    No RDHUP and no edge trigger: EV_ET is served level-triggered (a handler
+    written for ET loops until read() returns None, which stays correct), and
+    a hang-up shows up as readable + a read of b"" or an error.  On Linux,
+    where DefaultSelector would be epoll again, PollSelector is used so that
+    forcing this backend really tests a different kernel path.
+    """
+    __slots__ = ("_sel",)
+    name = "selectors"
+    threadsafe_ctl = False     # a registration made while poll() sleeps is not seen
+
+    def __init__(self) -> None:
+        cls = selectors.DefaultSelector
+        if cls.__name__ == "EpollSelector" and hasattr(selectors, "PollSelector"):
+            cls = selectors.PollSelector
+        self._sel = cls()
+
+    @staticmethod
+    def _mask(ev: int) -> int:
+        return (selectors.EVENT_READ if ev & EV_IN else 0) | (selectors.EVENT_WRITE if ev & EV_OUT else 0)
+
+    def register(self, fd: int, ev: int) -> None:
+        self._sel.register(fd, self._mask(ev))
+
+    def modify(self, fd: int, ev: int) -> None:
+        self._sel.modify(fd, self._mask(ev))
+
+    def unregister(self, fd: int) -> None:
+        try:
+            self._sel.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def poll(self, timeout: float) -> list:
+        R = selectors.EVENT_READ
+        return [(key.fd, (EV_IN if m & R else 0) | (EV_OUT if m & selectors.EVENT_WRITE else 0))
+                for key, m in self._sel.select(None if timeout < 0 else timeout)]
+
+    def close(self) -> None:
+        self._sel.close()
+
+
+_BACKENDS = {"selectors": _SelectorsBackend}
+if hasattr(select, "epoll"):
+    _BACKENDS["epoll"] = _EpollBackend
+
+
+def _pick_backend(name: str) -> type:
+    """'auto' -> GOEV_BACKEND if set, else epoll where it exists, else selectors."""
+    if not isinstance(name, str):
+        raise TypeError("backend must be a str, got %r" % (name,))
+    if name == "auto":
+        name = os.environ.get("GOEV_BACKEND", "") or ("epoll" if "epoll" in _BACKENDS else "selectors")
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise ValueError("unknown backend %r (choose from %s)"
+                         % (name, ", ".join(["auto"] + sorted(_BACKENDS)))) from None
+
+
+class _Waker:
+    """Wakes a sleeping poller from another thread (the self-pipe trick).
+
+    An eventfd where the OS has one (one fd, an 8-byte counter), else a
+    non-blocking socketpair.  wake() never blocks: a full pipe or a counter
+    already set means the poller is awake anyway.  drain() empties it.
+    """
+    __slots__ = ("fd", "_w", "_pair")
+
+    def __init__(self) -> None:
+        self._pair = None
+        if hasattr(os, "eventfd"):
+            self.fd = self._w = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        else:                                             # pragma: no cover
+            r, w = socket.socketpair()
+            r.setblocking(False)
+            w.setblocking(False)
+            self._pair = (r, w)
+            self.fd, self._w = r.fileno(), w.fileno()
+
+    _ONE = (1).to_bytes(8, sys.byteorder)
+
+    def wake(self) -> None:
+        try:
+            os.write(self._w, self._ONE)
+        except OSError:     # EAGAIN: already awake; EBADF: closing -- both harmless
+            pass
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.fd, 4096):
+                if self._pair is None:
+                    break
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self._pair:
+            for s in self._pair:
+                s.close()
+        elif self.fd >= 0:
+            os.close(self.fd)
+        self.fd = self._w = -1
+
+
+# =============================================================================
+# 5. The timer heap (4-ary) and Timer
+# =============================================================================
+# Every poller keeps its timers in a 4-ary min-heap of (deadline, seq, Timer)
+# tuples: tuple comparison runs in C, and the unique seq makes ties FIFO and
+# keeps Timer objects out of the comparison.  Why 4-ary: the tree is half as
+# deep as a binary heap, so a pop does half as many Python-level levels, each
+# one a single C call (min over 4 siblings); pushes of later deadlines (the
+# common case) stop at once.  Cancel is lazy -- the Timer forgets its callback
+# and the entry is skipped when it surfaces -- and the heap is compacted when
+# more than half of it is dead, so schedule/cancel churn cannot grow memory.
+# Deadlines are time.monotonic() seconds: wall-clock jumps cannot move them.
+
+def _heap_push(heap: list, item: tuple) -> None:
+    heap.append(item)
+    i = len(heap) - 1
+    while i:
+        p = (i - 1) >> 2
+        parent = heap[p]
+        if item < parent:
+            heap[i] = parent
+            i = p
+        else:
+            break
+    heap[i] = item
+
+
+def _heap_pop(heap: list) -> tuple:
+    last = heap.pop()
+    if not heap:
+        return last
+    top = heap[0]
+    n = len(heap)
+    i = 0
+    c = 1
+    while c < n:
+        kids = heap[c:c + 4]
+        m = min(kids)
+        if m < last:
+            j = c + kids.index(m)
+            heap[i] = m
+            i = j
+            c = 4 * j + 1
+        else:
+            break
+    heap[i] = last
+    return top
+
+
+def _heapify(heap: list) -> None:
+    for i in reversed(range((len(heap) - 2) // 4 + 1)):
+        item = heap[i]
+        n = len(heap)
+        j = i
+        c = 4 * j + 1
+        while c < n:
+            kids = heap[c:c + 4]
+            m = min(kids)
+            if m < item:
+                k = c + kids.index(m)
+                heap[j] = m
+                j = k
+                c = 4 * k + 1
+            else:
+                break
+        heap[j] = item
+
+
+class Timer:
+    """A scheduled call, returned by ``call_later``; ``cancel()`` from any thread.
+
+    ``when`` is the monotonic deadline in seconds, ``interval`` the period in
+    seconds (0 for one-shot).  A cancelled timer never runs, and it drops its
+    callback and arguments at once.
+    """
+    __slots__ = ("when", "interval", "_fn", "_args", "_poller")
+
+    def __init__(self, when: float, interval: float, fn: Callable, args: tuple, poller: "_Poller") -> None:
+        self.when = when
+        self.interval = interval
+        self._fn = fn
+        self._args = args
+        self._poller = poller
+
+    def cancel(self) -> None:
+        """Cancel the timer; idempotent, safe from any thread and from callbacks."""
+        if self._fn is not None:
+            self._fn = self._args = None
+            self._poller._timers_dead += 1
+
+    @property
+    def cancelled(self) -> bool:
+        """True once cancelled or, for a one-shot timer, once it has run."""
+        return self._fn is None
+
+    def __repr__(self) -> str:
+        state = "done" if self._fn is None else "in %.3fs" % (self.when - _monotonic())
+        every = " every %gs" % self.interval if self.interval else ""
+        return "<goev.Timer %s%s>" % (state, every)
+
+
+# =============================================================================
+# 6. IOHandle: the handler base
+# =============================================================================
+# One IOHandle per socket.  Its state lives in __slots__ set by __new__, so a
+# subclass may define __init__ without calling super().__init__().  States:
+# OPEN -> (CLOSING: flushing, then) CLOSED.  Invariants: the write queue only
+# ever holds bytes the kernel refused, in order; EV_OUT is armed exactly while
+# the queue is non-empty (or the user asked for it); reading pauses above the
+# high water mark; on_close runs exactly once, after the fd left the poller.
+
+_OPEN, _CLOSING, _CLOSED = 0, 1, 2
+_EMPTY_VIEW = memoryview(b"")
+
+
+class IOHandle:
+    """Base class of every handler.  Subclass it and override the ``on_*`` callbacks.
+
+    Every callback runs on the thread of the poller that owns the handler.
+    ``on_read``/``on_write`` return True to keep going, False to close (queued
+    data is still flushed; call ``abort()`` to drop it).  An exception in a
+    callback is logged on the "goev" logger and closes this handler only.
+
+    Attributes: ``fd`` (-1 once closed), ``reactor`` (where ``on_open``
+    registers), ``poller``, ``peer`` (the remote address), ``error`` (the
+    OSError that ended the connection, if any), ``cache`` (the poller's dict).
+    """
+    __slots__ = ("fd", "reactor", "poller", "peer", "error", "_sock", "_wq", "_wq_bytes",
+                 "_user", "_mask", "_state", "_eof", "_paused", "_shut_wr", "_timer",
+                 "_high", "_low", "dropped_bytes", "_owner", "__weakref__")
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "IOHandle":
+        self = object.__new__(cls)
+        self.fd = -1
+        self.reactor = self.poller = self.peer = self.error = None
+        self._sock = self._wq = self._timer = self._owner = None
+        self._wq_bytes = self._user = self._mask = self.dropped_bytes = 0
+        self._state = _OPEN
+        self._eof = self._paused = self._shut_wr = False
+        self._high, self._low = DEFAULT_HIGH_WATER, DEFAULT_LOW_WATER
+        return self
+
+    # -- callbacks (override these) ------------------------------------------
+
+    def on_open(self) -> bool:
+        """After accept/connect, before registration, on the acceptor's or connector's
+        poller thread.  Default: register EV_IN on ``self.reactor``.  False closes."""
+        self.reactor.add_handler(self, self.fd, EV_IN)
+        return True
+
+    def on_read(self) -> bool:
+        """The fd is readable (or hung up).  Default: read and discard; False at EOF."""
+        data = self.read()
+        return data is None or bool(data)
+
+    def on_write(self) -> bool:
+        """The fd is writable.  Default: flush the send queue (keep this if you override)."""
+        return self._flush()
+
+    def on_timeout(self, now_ms: int) -> bool:
+        """The handler's timer fired; ``now_ms`` is monotonic ms.  False stops a periodic timer."""
+        return False
+
+    def on_connect_fail(self, err: OSError) -> None:
+        """A Connector could not connect: ``err`` is ConnectionRefusedError, TimeoutError, ..."""
+
+    def on_write_drained(self) -> None:
+        """The send queue just became empty."""
+
+    def on_close(self) -> None:
+        """Called exactly once, after the fd left the poller.  Default: ``destroy()``."""
+        self.destroy()
+
+    # -- reading ----------------------------------------------------------------
+
+    def read(self) -> Optional[memoryview]:
+        """Read once into the poller's shared buffer (poller thread only).
+
+        Returns a memoryview valid until the next read on this poller (copy
+        with ``bytes(view)`` to keep it); an *empty* view at end of stream
+        (FIN, or a reset -- then ``self.error`` holds the ConnectionResetError);
+        None when nothing was ready.  After end of stream the handler stops
+        being polled for reading.
+        """
+        view = self.poller._rview
+        try:
+            n = self._sock.recv_into(view)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            self.error = e
+            n = 0
+        if n:
+            return view[:n]
+        self._eof = True
+        if self._mask & EV_IN:
+            self._update()
+        return _EMPTY_VIEW
+
+    # -- writing ----------------------------------------------------------------
+
+    def write(self, data: Any) -> None:
+        """Send ``data`` now; queue what the kernel did not take (in order), arm EV_OUT.
+
+        Never blocks.  From a thread other than the owning poller's it behaves as
+        ``async_write``.  After ``close()`` data is dropped and counted in
+        ``dropped_bytes``.  Above the high water mark reading pauses.
+        """
+        p = self.poller
+        if p is not None and p._tid != _get_ident():
+            self.async_write(data)
+            return
+        if self._state or self._shut_wr:
+            self.dropped_bytes += len(data)
+            return
+        if self._wq:
+            self._enqueue(bytes(data))
+            return
+        try:
+            n = self._sock.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError as e:
+            self._write_failed(e)
+            return
+        if n != len(data):
+            self._enqueue(bytes(memoryview(data)[n:]))
+
+    def async_write(self, data: Any) -> None:
+        """Like ``write``, safe from any thread: the data is copied and sent, in
+        order, by the owning poller.  On the owning thread it writes directly."""
+        p = self.poller
+        if p is None or p._tid == _get_ident():
+            self.write(data)
+            return
+        p._post(self._write_posted, bytes(data))
+
+    def _write_posted(self, data: bytes) -> None:
+        if self._state == _CLOSED:
+            self.dropped_bytes += len(data)
+        else:
+            self.write(data)
+
+    @property
+    def pending_write_bytes(self) -> int:
+        """Bytes queued and not yet taken by the kernel."""
+        return self._wq_bytes
+
+    def set_write_buffer_limits(self, high: int = DEFAULT_HIGH_WATER, low: Optional[int] = None) -> None:
+        """Set the high/low water marks (bytes); ``low`` defaults to high // 4."""
+        high = _check_int("high", high, 0)
+        low = high // 4 if low is None else _check_int("low", low, 0)
+        if low > high:
+            raise ValueError("low water mark %d is above high water mark %d" % (low, high))
+        self._high, self._low = high, low
+
+    def _enqueue(self, buf: bytes) -> None:
+        wq = self._wq
+        if wq is None:
+            wq = self._wq = collections.deque()
+        wq.append(buf)
+        self._wq_bytes += len(buf)
+        if self._wq_bytes > self._high and not self._paused:
+            self._paused = True
+        if self.poller is not None and (not self._mask & EV_OUT or self._paused and self._mask & EV_IN):
+            self._update()
+
+    def _flush(self) -> bool:
+        """Send as much of the queue as the kernel takes; always returns True."""
+        wq = self._wq
+        sock = self._sock
+        while wq:
+            try:
+                if len(wq) == 1:
+                    offered = len(wq[0])
+                    n = sock.send(wq[0])
+                else:                          # gather many small writes into one syscall
+                    bufs = list(itertools.islice(wq, _SENDMSG_MAX))
+                    offered = sum(map(len, bufs))
+                    n = sock.sendmsg(bufs)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                self._write_failed(e)
+                return True
+            self._wq_bytes -= n
+            short = n < offered
+            while n:
+                head = wq[0]
+                if n >= len(head):
+                    n -= len(head)
+                    wq.popleft()
+                else:
+                    wq[0] = memoryview(head)[n:]
+                    n = 0
+            if short:                          # the kernel is full: wait for EV_OUT
+                break
+        if self._paused and self._wq_bytes <= self._low and not self._state:
+            self._paused = False
+            self._update()
+        if not wq:
+            self._drained()
+        return True
+
+    def _drained(self) -> None:
+        self._update()
+        if self._shut_wr and self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        if self._state == _CLOSING:
+            self._close_now()
+            return
+        self.on_write_drained()
+
+    def _write_failed(self, e: OSError) -> None:
+        """The peer is gone (EPIPE/ECONNRESET): drop the queue, close quietly."""
+        self.error = e
+        if self._wq:
+            self.dropped_bytes += self._wq_bytes
+            self._wq.clear()
+        self._wq_bytes = 0
+        self._eof = True
+        if self.poller is not None:
+            self._close_now()
+        # else: not registered yet (a write in on_open); Reactor.add_handler aborts it
+
+    # -- closing ------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush the send queue, then close; idempotent; from any thread."""
+        p = self.poller
+        if p is not None and p._tid != _get_ident() and p._running:
+            p._post(self.close)
+            return
+        if self._state:
+            return
+        if self._wq and self.error is None:
+            self._state = _CLOSING
+            self._update()                 # stop reading, keep EV_OUT
+        else:
+            self._close_now()
+
+    def abort(self) -> None:
+        """Close at once: drop the send queue and reset the connection (RST)."""
+        p = self.poller
+        if p is not None and p._tid != _get_ident() and p._running:
+            p._post(self.abort)
+            return
+        if self._state == _CLOSED:
+            return
+        if self._wq:
+            self.dropped_bytes += self._wq_bytes
+            self._wq.clear()
+            self._wq_bytes = 0
+        if self._sock is not None and self._sock.family != socket.AF_UNIX:
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            except OSError:
+                pass
+        self._close_now()
+
+    def shutdown_write(self) -> None:
+        """Half-close: send FIN once the queue is flushed; reading continues."""
+        p = self.poller
+        if p is not None and p._tid != _get_ident() and p._running:
+            p._post(self.shutdown_write)
+            return
+        if self._shut_wr or self._state:
+            return
+        self._shut_wr = True
+        if not self._wq and self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def _close_now(self) -> None:
+        """Leave the poller now; on_close and the real close(fd) follow at the end of
+        the current loop step (so the fd number is not reused mid-batch)."""
+        if self._state == _CLOSED:
+            return
+        self._state = _CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        p = self.poller
+        if p is None:                      # never registered: nothing to wait for
+            self._finish_close()
+            return
+        if self._mask:
+            p._backend.unregister(self.fd)
+            self._mask = 0
+        if p._handlers.get(self.fd) is self:
+            del p._handlers[self.fd]
+        p._closing.append(self)
+
+    def _finish_close(self) -> None:
+        try:
+            self.on_close()
+        except Exception:
+            _log.exception("exception in on_close of %s", _safe_repr(self))
+        self.destroy()
+        if self._owner is not None:
+            self._owner._handler_event(self, "closed")
+
+    def destroy(self) -> None:
+        """Release the socket and the send queue (the default ``on_close``); idempotent.
+
+        goev always closes the fd itself once the handler is closed; calling
+        this early (from ``on_close``) is allowed, as in the Go original."""
+        if self._wq:
+            self.dropped_bytes += self._wq_bytes
+            self._wq.clear()
+            self._wq_bytes = 0
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            self.fd = -1
+            sock.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once the handler has left its poller (or ``close()`` began a flush)."""
+        return self._state != _OPEN
+
+    # -- timers ---------------------------------------------------------------------
+
+    def schedule_timer(self, delay_ms: float, interval_ms: float = 0) -> Timer:
+        """Call ``on_timeout(now_ms)`` after ``delay_ms``, then every ``interval_ms`` if
+        non-zero, until it returns False.  One timer per handler: scheduling again
+        replaces the previous one.  The handler must be registered; poller thread only
+        (or before the reactor starts).  Cancelled automatically on close."""
+        delay = _check_delay("delay_ms", delay_ms)
+        interval = _check_delay("interval_ms", interval_ms)
+        if interval == math.inf:
+            raise ValueError("interval_ms must be finite, got %r" % (interval_ms,))
+        if self.poller is None or self._state == _CLOSED:
+            raise RuntimeError("schedule_timer: %s is not registered with a reactor" % _safe_repr(self))
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = t = self.poller._call_at(_monotonic() + delay / 1000.0, interval / 1000.0,
+                                               self._fire_timer, ())
+        return t
+
+    def cancel_timer(self) -> None:
+        """Cancel the handler's timer, if any (idempotent)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fire_timer(self) -> bool:
+        try:
+            keep = self.on_timeout(self.poller.now_ms)
+        except Exception:
+            self.poller._fault(self, "on_timeout")
+            return False
+        if self._state == _CLOSED or not keep:
+            return False
+        return True
+
+    # -- misc ---------------------------------------------------------------------
+
+    @property
+    def cache(self) -> dict:
+        """The owning poller's cache dict (read without locks, poller thread)."""
+        return self.poller.cache
+
+    def _update(self) -> None:
+        """Make the registered events match the state (the only epoll_ctl MOD site)."""
+        want = 0
+        if self._user & EV_IN and not (self._eof or self._paused or self._state):
+            want = EV_IN
+        if self._wq or self._user & EV_OUT:
+            want |= EV_OUT
+        if want:
+            want |= self._user & EV_ET
+        have = self._mask
+        if want != have and self._state != _CLOSED:
+            b = self.poller._backend
+            if not want:
+                b.unregister(self.fd)
+            elif not have:
+                b.register(self.fd, want)
+            else:
+                b.modify(self.fd, want)
+            self._mask = want
+
+    def __repr__(self) -> str:
+        state = ("open", "closing", "closed")[self._state]
+        if self._eof and not self._state:
+            state = "half-closed"
+        where = "" if self.poller is None else " poller=%d" % self.poller.index
+        q = " queued=%dB" % self._wq_bytes if self._wq_bytes else ""
+        return "<%s fd=%d%s peer=%r %s%s>" % (type(self).__name__, self.fd, where, self.peer, state, q)
+
+
+# =============================================================================
+# 7. _Poller: one thread, one loop
+# =============================================================================
+# The loop, one pass:  wait (timeout = next timer, 0 if work is queued)
+#   -> dispatch each event: OUT first (connect completion, flush), then IN
+#      (read pending data even on HUP/ERR), then HUP/ERR for non-readers
+#   -> finish closes (on_close, then close(fd)) -> run due timers
+#   -> drain the inbox (cross-thread work) in a bounded batch.
+# _dispatch is the only place user I/O callbacks are called; it catches
+# Exception, logs it with the handler's repr and closes that handler only.
+# KeyboardInterrupt and SystemExit pass through (the state stays consistent,
+# so run() may be called again).
+
+class _Poller:
+    """One event loop on one thread.  Internal; users see it as ``handler.poller``.
+
+    ``cache`` is a dict for the handlers of this poller (lock-free: only this
+    poller's thread writes it, through ``Reactor.sync_cache``).  ``now_ms`` is
+    the monotonic clock in ms, read once per loop pass.
+    """
+
+    def __init__(self, reactor: "Reactor", index: int, backend_cls: type, read_buffer_size: int) -> None:
+        self.reactor = reactor
+        self.index = index
+        self.cache: dict = {}
+        self.now_ms = int(_monotonic() * 1000)
+        self._backend = backend_cls()
+        self._waker = _Waker()
+        self._rbuf = bytearray(read_buffer_size)
+        self._rview = memoryview(self._rbuf)
+        self._handlers: dict = {}           # fd -> IOHandle
+        self._closing: list = []            # handlers closed this step: on_close pending
+        self._timers: list = []             # the 4-ary heap of (when, seq, Timer)
+        self._timers_dead = 0
+        self._seq = 0
+        self._inbox: collections.deque = collections.deque()
+        self._wake_pending = False
+        self._tid: Optional[int] = None
+        self._running = False
+        self._stopping = False
+        self._done = False
+        self._thread: Optional[threading.Thread] = None
+        self._finished = threading.Event()
+        self._backend.register(self._waker.fd, EV_IN)
+
+    def __repr__(self) -> str:
+        return "<goev poller %d %s handlers=%d timers=%d>" % (
+            self.index, self._backend.name, len(self._handlers), len(self._timers))
+
+    # -- cross-thread inbox -------------------------------------------------------
+    # No lost wake-up (the Go original's bug): producers append, *then* test
+    # the flag; the consumer clears the flag *before* it drains the inbox.  An
+    # item appended after the clear sees the flag down and wakes us; one
+    # appended before it is drained by the pass that follows.
+
+    def _post(self, fn: Callable, *args: Any) -> None:
+        self._inbox.append((fn, args))
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._waker.wake()
+
+    def _drain_inbox(self) -> None:
+        self._wake_pending = False
+        inbox = self._inbox
+        for _ in range(min(len(inbox), _INBOX_BATCH)):
+            fn, args = inbox.popleft()
+            try:
+                fn(*args)
+            except Exception:
+                _log.exception("exception in posted callback %s", _safe_repr(fn))
+
+    # -- timers -------------------------------------------------------------------
+
+    def _call_at(self, when: float, interval: float, fn: Callable, args: tuple) -> Timer:
+        t = Timer(when, interval, fn, args, self)
+        if self._tid == _get_ident() or not self._running:
+            self._push_timer(t)
+        else:
+            self._post(self._push_timer, t)
+        return t
+
+    def _push_timer(self, t: Timer) -> None:
+        if t._fn is None:                      # cancelled before it reached the heap
+            self._timers_dead -= 1
+        else:
+            self._seq += 1
+            _heap_push(self._timers, (t.when, self._seq, t))
+
+    def call_later(self, delay_s: float, fn: Callable, *args: Any) -> Timer:
+        """Run ``fn(*args)`` on this poller's thread after ``delay_s`` seconds; any thread."""
+        delay = _check_delay("delay_s", delay_s)
+        if not callable(fn):
+            raise TypeError("fn must be callable, got %r" % (fn,))
+        return self._call_at(_monotonic() + delay, 0.0, fn, args)
+
+    def _run_timers(self, now: float) -> None:
+        heap = self._timers
+        due = []
+        while heap and heap[0][0] <= now:      # collect every due timer before any fires
+            t = _heap_pop(heap)[2]
+            if t._fn is None:
+                self._timers_dead -= 1
+            else:
+                due.append(t)
+        self.now_ms = int(now * 1000)
+        for t in due:
+            fn = t._fn
+            if fn is None:                     # cancelled by a timer that fired before it
+                self._timers_dead -= 1
+                continue
+            args = t._args
+            if not t.interval:
+                t._fn = t._args = None         # release the callback before running it
+            try:
+                keep = fn(*args)
+            except Exception:
+                _log.exception("exception in timer callback %s", _safe_repr(fn))
+                keep = False
+            if t.interval:
+                if t._fn is None:              # cancelled by its own callback (out of the heap)
+                    self._timers_dead -= 1
+                    continue
+                if keep is False:
+                    t._fn = t._args = None
+                    continue
+                nxt = t.when + t.interval      # keep the period: no drift ...
+                if nxt <= now:                 # ... and after a stall, skip, don't burst
+                    nxt += math.floor((now - nxt) / t.interval + 1) * t.interval
+                t.when = nxt
+                self._seq += 1
+                _heap_push(heap, (nxt, self._seq, t))
+        if self._timers_dead > _COMPACT_MIN and self._timers_dead * 2 > len(heap):
+            heap[:] = [e for e in heap if e[2]._fn is not None]
+            _heapify(heap)
+            self._timers_dead = 0
+
+    def _timeout(self) -> float:
+        """Seconds until the next live timer, 0 if work is queued, -1 for none."""
+        if self._inbox or self._closing:
+            return 0.0
+        heap = self._timers
+        while heap and heap[0][2]._fn is None:   # cancelled heads must not wake us
+            _heap_pop(heap)
+            self._timers_dead -= 1
+        if not heap:
+            return -1.0
+        # epoll/select round a float timeout *up* to their resolution, and a
+        # timer runs only once its deadline has passed, so none fires early.
+        delay = heap[0][0] - _monotonic()
+        return 0.0 if delay <= 0 else min(delay, _MAX_POLL_TIMEOUT)
+
+    # -- handlers -------------------------------------------------------------------
+
+    def _add(self, h: IOHandle, fd: int, events: int) -> None:
+        """Register ``h`` for ``events`` (EV_IN/EV_OUT/EV_ET).  Thread: see Reactor.add_handler."""
+        if self._stopping:
+            raise RuntimeError("the reactor is stopping; cannot add %s" % _safe_repr(h))
+        h.poller = self
+        h._user = events & _EV_ALL
+        old = self._handlers.get(fd)
+        if old is not None and old is not h:
+            raise ValueError("fd %d is already registered to %s" % (fd, _safe_repr(old)))
+        self._handlers[fd] = h
+        try:
+            h._mask = 0
+            h._update()
+        except BaseException:
+            del self._handlers[fd]
+            h.poller = None
+            raise
+        if h.error is not None:               # a write in on_open already failed: peer gone
+            self._post(h.abort)
+
+    def _add_posted(self, h: IOHandle, fd: int, events: int) -> None:
+        try:
+            self._add(h, fd, events)
+        except Exception:
+            if not self._stopping:
+                _log.exception("could not register %s", _safe_repr(h))
+            h.poller = None
+            h._close_now()
+
+    def _fault(self, h: IOHandle, where: str) -> None:
+        """A callback raised: log with the handler's repr, close that handler only."""
+        _log.exception("exception in %s of %s", where, _safe_repr(h))
+        if h.error is None:
+            h.error = sys.exc_info()[1]
+        if h._state != _CLOSED:
+            h._close_now()
+
+    def _finish_closes(self) -> None:
+        closing = self._closing
+        while closing:
+            batch = closing[:]
+            del closing[:]
+            for h in batch:
+                h._finish_close()
+
+    # -- the loop -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        """Run the loop on the calling thread until the reactor stops."""
+        self._tid = _get_ident()
+        self._running = True
+        try:
+            self._loop()
+        finally:
+            self._running = False
+            if self._stopping:
+                self._close_all()
+
+    def _loop(self) -> None:
+        poll = self._backend.poll
+        handlers = self._handlers
+        closing = self._closing
+        waker_fd = self._waker.fd
+        mono = _monotonic
+        while not self._stopping:
+            events = poll(self._timeout())
+            for fd, ev in events:
+                h = handlers.get(fd)
+                if h is None:                   # removed earlier in this batch
+                    if fd == waker_fd:
+                        self._waker.drain()
+                    continue
+                try:
+                    if ev & EV_OUT:
+                        if not h.on_write():
+                            h.close()
+                        if h._state:
+                            if h._state == _CLOSING and ev & _HUP_ERR:
+                                h.abort()       # the flush cannot complete
+                            continue
+                    if ev & _IN_ANY:
+                        if h._mask & EV_IN:
+                            if not h.on_read():
+                                h.close()
+                        elif ev & _HUP_ERR:     # not reading (paused/half-closed): gone
+                            h.error = h.error or ConnectionResetError(errno.ECONNRESET, "connection reset")
+                            h.abort()
+                except Exception:
+                    self._fault(h, "callback")
+            if closing:
+                self._finish_closes()
+            if self._timers:
+                now = mono()
+                if self._timers[0][0] <= now:
+                    self._run_timers(now)
+                    if closing:
+                        self._finish_closes()
+            if self._inbox:
+                self._drain_inbox()
+                if closing:
+                    self._finish_closes()
+
+    def _close_all(self) -> None:
+        """Shut down: every handler gets on_close once; every fd is closed."""
+        if self._done:
+            return
+        self._done = True
+        self._drain_inbox_for_stop()
+        for h in list(self._handlers.values()):
+            if h._state != _CLOSED:
+                if h._wq and h.error is None:
+                    try:
+                        h._flush()              # one last non-blocking attempt
+                    except Exception:
+                        pass
+                if isinstance(h, _Connecting):
+                    h._fail(ConnectionAbortedError(errno.ECONNABORTED, "reactor stopped"))
+                else:
+                    h._close_now()
+        self._finish_closes()
+        for e in self._timers:
+            e[2]._fn = e[2]._args = None
+        self._timers.clear()
+        self._backend.close()
+        self._waker.close()
+        self._handlers.clear()
+        self._finished.set()
+
+    def _drain_inbox_for_stop(self) -> None:
+        # Posted work still runs (it may be a registration or a final write);
+        # work it posts in turn is dropped so shutdown always terminates.
+        for _ in range(2):
+            n = len(self._inbox)
+            for _ in range(n):
+                fn, args = self._inbox.popleft()
+                try:
+                    fn(*args)
+                except Exception:
+                    _log.exception("exception in posted callback %s", _safe_repr(fn))
+        self._inbox.clear()
+
+
+# =============================================================================
+# 8. Reactor: N pollers, placement, start/stop, cross-thread posts
+# =============================================================================
+# The Reactor is a thin manager: it creates the pollers, places each fd on
+# poller[fd % N], runs the loops (run() on the calling thread for poller 0,
+# threads for the rest; start() all in threads) and stops them.  Invariant:
+# after stop() returns (from a non-poller thread) every fd goev opened is
+# closed and every poller thread is joined.
+
+class Reactor:
+    """N pollers (event loops on threads) and the handlers placed on them.
+
+    Parameters: ``pollers`` (>= 1), ``backend`` ("auto", "epoll", "selectors";
+    auto honours the GOEV_BACKEND environment variable), ``read_buffer_size``
+    (bytes of each poller's shared read buffer).  Raises ValueError/TypeError
+    on bad arguments.  Use as a context manager to be sure it is stopped.
+    """
+
+    def __init__(self, pollers: int = 1, *, backend: str = "auto",
+                 read_buffer_size: int = DEFAULT_READ_BUFFER) -> None:
+        _check_int("pollers", pollers, 1)
+        _check_int("read_buffer_size", read_buffer_size, 1)
+        backend_cls = _pick_backend(backend)
+        self.backend: str = backend_cls.name
+        self.pollers: list = []
+        self._lock = threading.Lock()
+        self._started = False
+        self._stopped = False
+        try:
+            for i in range(pollers):
+                self.pollers.append(_Poller(self, i, backend_cls, read_buffer_size))
+        except BaseException:
+            for p in self.pollers:
+                p._stopping = True
+                p._close_all()
+            raise
+
+    def __repr__(self) -> str:
+        state = "stopped" if self._stopped else "running" if self._started else "idle"
+        return "<goev.Reactor %s pollers=%d %s>" % (self.backend, len(self.pollers), state)
+
+    def __enter__(self) -> "Reactor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # -- handlers -------------------------------------------------------------------
+
+    def _poller_for(self, fd: int) -> _Poller:
+        return self.pollers[fd % len(self.pollers)]
+
+    def add_handler(self, handler: IOHandle, fd: int, events: int) -> None:
+        """Register ``handler`` for ``events`` (EV_IN, EV_OUT, optionally | EV_ET) on
+        poller[fd % N].  From any thread; takes effect at once (with epoll) or as
+        soon as the poller wakes.  Raises TypeError/ValueError on bad arguments,
+        RuntimeError once stopped."""
+        if not isinstance(handler, IOHandle):
+            raise TypeError("handler must be an IOHandle, got %r" % (handler,))
+        _check_int("fd", fd, 0)
+        if not isinstance(events, int) or not events & (EV_IN | EV_OUT) or events & ~_EV_ALL:
+            raise ValueError("events must combine EV_IN/EV_OUT (and EV_ET), got %r" % (events,))
+        if self._stopped:
+            raise RuntimeError("reactor is stopped")
+        if handler.poller is not None and handler._state != _CLOSED:
+            raise ValueError("%s is already registered" % _safe_repr(handler))
+        p = self._poller_for(fd)
+        handler.reactor = self
+        if handler.fd != fd:
+            handler.fd = fd
+        if p._backend.threadsafe_ctl or not p._running or p._tid == _get_ident():
+            p._add(handler, fd, events)
+        else:
+            handler.poller = p
+            p._post(p._add_posted, handler, fd, events)
+
+    def append_event(self, fd: int, events: int) -> None:
+        """Add ``events`` to the handler registered on ``fd``.  Poller thread (or any
+        thread: then applied by the poller)."""
+        self._change_events(fd, events, True)
+
+    def remove_event(self, fd: int, events: int) -> None:
+        """Remove ``events`` from the handler on ``fd`` (removing all of them stops
+        polling the fd; the handler stays owned until closed)."""
+        self._change_events(fd, events, False)
+
+    def _change_events(self, fd: int, events: int, add: bool) -> None:
+        _check_int("fd", fd, 0)
+        if not isinstance(events, int) or not events or events & ~_EV_ALL:
+            raise ValueError("events must combine EV_IN/EV_OUT/EV_ET, got %r" % (events,))
+        p = self._poller_for(fd)
+        if p._running and p._tid != _get_ident():
+            p._post(self._change_events, fd, events, add)
+            return
+        h = p._handlers.get(fd)
+        if h is None:
+            raise ValueError("fd %d is not registered" % fd)
+        h._user = h._user | events if add else h._user & ~events
+        h._update()
+
+    # -- cross-thread work -------------------------------------------------------------
+
+    def post(self, fn: Callable, *args: Any) -> None:
+        """Run ``fn(*args)`` once on every poller thread.  Returns at once; safe from
+        any thread and from a signal handler.  Dropped once the reactor stopped."""
+        if not callable(fn):
+            raise TypeError("fn must be callable, got %r" % (fn,))
+        for p in self.pollers:
+            p._post(fn, *args)
+
+    def post_to(self, handler: IOHandle, fn: Callable, *args: Any) -> None:
+        """Run ``fn(*args)`` on the poller that owns ``handler``; any thread."""
+        if not callable(fn):
+            raise TypeError("fn must be callable, got %r" % (fn,))
+        if not isinstance(handler, IOHandle) or handler.poller is None:
+            raise ValueError("post_to needs a registered IOHandle, got %r" % (handler,))
+        handler.poller._post(fn, *args)
+
+    def sync_cache(self, key: Any, value: Any) -> None:
+        """Set ``cache[key] = value`` on every poller, each on its own thread; any thread."""
+        for p in self.pollers:
+            p._post(p.cache.__setitem__, key, value)
+
+    def init_cache(self, key: Any, value: Any) -> None:
+        """Set ``cache[key] = value`` on every poller now; before start()/run() only."""
+        if self._started:
+            raise RuntimeError("init_cache is for before start(); use sync_cache")
+        for p in self.pollers:
+            p.cache[key] = value
+
+    def call_later(self, delay_s: float, fn: Callable, *args: Any) -> Timer:
+        """Run ``fn(*args)`` on poller 0 after ``delay_s`` seconds; safe from any thread.
+        Returns a Timer (``cancel()`` from any thread)."""
+        return self.pollers[0].call_later(delay_s, fn, *args)
+
+    # -- running ----------------------------------------------------------------------
+
+    def _spawn(self, pollers: list) -> None:
+        for p in pollers:
+            t = threading.Thread(target=self._thread_main, args=(p,),
+                                 name="goev-poller-%d" % p.index, daemon=True)
+            p._thread = t
+            t.start()
+
+    def _thread_main(self, p: _Poller) -> None:
+        try:
+            p._run()
+        except BaseException:
+            _log.critical("poller %d died", p.index, exc_info=True)
+            p._stopping = True
+            p._close_all()
+
+    def run(self) -> None:
+        """Run poller 0 on the calling thread (the others on threads) until ``stop()``.
+
+        KeyboardInterrupt/SystemExit raised in a callback propagate out of run();
+        the reactor stays consistent and run() may be called again."""
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("reactor is stopped")
+            first = not self._started
+            self._started = True
+        if first:
+            self._spawn(self.pollers[1:])
+        self.pollers[0]._run()
+        if self.pollers[0]._stopping:
+            self._join(None)
+            self._stopped = True
+
+    def start(self) -> None:
+        """Run every poller on a background thread and return at once."""
+        with self._lock:
+            if self._stopped or self._started:
+                raise RuntimeError("reactor is %s" % ("stopped" if self._stopped else "already running"))
+            self._started = True
+        self._spawn(self.pollers)
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Stop every poller: each handler gets on_close, every fd is closed.
+
+        Safe from any thread, from a signal handler, before start() and twice.
+        From a poller's own callback it returns at once (the loops end after
+        the current step); from any other thread it waits up to ``timeout``
+        seconds for every poller thread to finish."""
+        for p in self.pollers:
+            p._stopping = True
+            if p._running:
+                p._waker.wake()
+        if not self._started:
+            with self._lock:
+                if not self._started:
+                    self._stopped = True
+                    for p in self.pollers:
+                        p._close_all()
+                    return
+        me = _get_ident()
+        if any(p._tid == me for p in self.pollers):
+            return
+        self._join(timeout)
+
+    def _join(self, timeout: Optional[float]) -> None:
+        deadline = None if timeout is None else _monotonic() + timeout
+        for p in self.pollers:
+            left = None if deadline is None else max(0.0, deadline - _monotonic())
+            t = p._thread
+            if t is not None:
+                if t is not threading.current_thread():
+                    t.join(left)
+            elif p._running:
+                p._finished.wait(left)    # poller 0 inside run() on another thread
+            else:
+                p._close_all()            # poller 0 after run() returned, or never run
+        self._stopped = all(p._done for p in self.pollers)
+
+    @property
+    def stopped(self) -> bool:
+        """True once every poller has shut down."""
+        return all(p._done for p in self.pollers)
+
+
+# =============================================================================
+# 9. Acceptor: listening sockets
+# =============================================================================
+# An Acceptor is an IOHandle whose "read" is accept().  It accepts a bounded
+# batch per readiness, makes each connection non-blocking (TCP_NODELAY on
+# TCP), builds a handler with the factory and calls its on_open.  When the
+# process runs out of fds (EMFILE & co.) it stops polling the listener and
+# retries on a timer instead of spinning on a listener that stays readable.
+
+def _open_handler(h: IOHandle) -> None:
+    """Call on_open; on False or an exception the handler is closed (on_close once)."""
+    try:
+        ok = h.on_open()
+    except Exception:
+        _log.exception("exception in on_open of %s", _safe_repr(h))
+        ok = False
+    if not ok and h._state != _CLOSED:
+        if h.poller is None:
+            h._close_now()
+        else:
+            h.close()
+    elif ok and h._owner is not None:
+        h._owner._handler_event(h, "opened")
+
+
+def _unix_path_free(path: str) -> None:
+    """Remove a stale unix socket file at ``path``; anything else there is an error."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(errno.EEXIST, "not a socket, refusing to replace", path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:            # nobody listens: stale, replace it
+        os.unlink(path)
+        return
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, "a server is listening on unix socket", path)
+
+
+class Acceptor(IOHandle):
+    """Listen on ``addr`` and hand each connection to ``factory()``'s handler.
+
+    ``factory`` is any zero-argument callable returning an IOHandle.  Accepted
+    handlers get ``reactor = conn_reactor or reactor`` and their ``on_open`` runs
+    on the acceptor's poller thread.  Port 0 picks a free port: see ``address``.
+    Raises ValueError/TypeError for bad arguments, OSError (e.g. EADDRINUSE)
+    when the address cannot be bound.  ``close()`` stops listening (any thread).
+    """
+    __slots__ = ("factory", "conn_reactor", "backlog", "_family", "_unix_path", "_retry")
+
+    def __init__(self, reactor: Reactor, addr: Union[str, tuple], factory: Callable[[], IOHandle], *,
+                 conn_reactor: Optional[Reactor] = None, backlog: int = 512, reuse_addr: bool = True,
+                 reuse_port: bool = False, rcvbuf: int = 0) -> None:
+        if not isinstance(reactor, Reactor):
+            raise TypeError("reactor must be a Reactor, got %r" % (reactor,))
+        if conn_reactor is not None and not isinstance(conn_reactor, Reactor):
+            raise TypeError("conn_reactor must be a Reactor, got %r" % (conn_reactor,))
+        if not callable(factory):
+            raise TypeError("factory must be callable, got %r" % (factory,))
+        _check_int("backlog", backlog, 1)
+        _check_int("rcvbuf", rcvbuf, 0)
+        family, sockaddr = parse_address(addr)
+        self.factory = factory
+        self.conn_reactor = conn_reactor or reactor
+        self.backlog = backlog
+        self._family = family
+        self._unix_path = None
+        self._retry = False
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if family == socket.AF_UNIX:
+                if not sockaddr.startswith("\0"):
+                    _unix_path_free(sockaddr)
+                    self._unix_path = sockaddr
+            else:
+                if reuse_addr:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if rcvbuf:                  # before listen(), so accepted sockets inherit it
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(sockaddr)
+            sock.listen(backlog)
+            sock.setblocking(False)
+            self._sock = sock
+            self.peer = None
+            reactor.add_handler(self, sock.fileno(), EV_IN)
+        except BaseException:
+            sock.close()
+            raise
+
+    @property
+    def address(self) -> Any:
+        """The bound address as getsockname() gives it (the path for unix sockets)."""
+        if self._sock is None:
+            return None
+        a = self._sock.getsockname()
+        if isinstance(a, bytes):
+            a = a.decode(errors="replace")
+        return a
+
+    def on_read(self) -> bool:
+        accept = self._sock.accept
+        factory = self.factory
+        conn_reactor = self.conn_reactor
+        nodelay = self._family != socket.AF_UNIX
+        for _ in range(min(self.backlog, _ACCEPT_BATCH)):
+            try:
+                conn, addr = accept()
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno in _ACCEPT_TRANSIENT:
+                    _log.warning("%s: accept failed (%s); pausing %d ms",
+                                 _safe_repr(self), e, _ACCEPT_RETRY_MS)
+                    self._retry = True
+                    self._paused = True
+                    self._update()
+                    self.schedule_timer(_ACCEPT_RETRY_MS)
+                    break
+                if e.errno in _ACCEPT_SKIP:
+                    continue
+                raise
+            conn.setblocking(False)
+            if nodelay:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                h = factory()
+                if not isinstance(h, IOHandle):
+                    raise TypeError("factory returned %r, not an IOHandle" % (h,))
+            except Exception:
+                _log.exception("%s: handler factory failed", _safe_repr(self))
+                conn.close()
+                continue
+            h._sock = conn
+            h.fd = conn.fileno()
+            h.peer = addr
+            h.reactor = conn_reactor
+            _open_handler(h)
+        return True
+
+    def on_timeout(self, now_ms: int) -> bool:
+        if self._retry:
+            self._retry = False
+            self._paused = False
+            self._update()
+        return False
+
+    def close(self) -> None:
+        """Stop listening and close the socket (unlinks a unix socket path).  From a
+        thread other than the acceptor's poller it waits until the socket is closed."""
+        p = self.poller
+        if p is not None and p._running and p._tid != _get_ident():
+            done = threading.Event()
+
+            def _close() -> None:
+                try:
+                    IOHandle.close(self)
+                    p._finish_closes()
+                finally:
+                    done.set()
+            p._post(_close)
+            done.wait(5.0)
+            return
+        IOHandle.close(self)
+        if p is not None and not p._running:
+            p._finish_closes()
+
+    def on_close(self) -> None:
+        self.destroy()
+        if self._unix_path:
+            try:
+                os.unlink(self._unix_path)
+            except OSError:
+                pass
+            self._unix_path = None
+
+
+# =============================================================================
+# 10. Connector: non-blocking connects
+# =============================================================================
+# connect() starts a non-blocking connect and hands the socket to a small
+# internal _Connecting handler on poller[fd % N].  Exactly one of on_open or
+# on_connect_fail(err) follows, on that poller's thread: writable + SO_ERROR
+# == 0 is success; a SO_ERROR, a hang-up or the timer is failure.  A refused
+# connect reports IN|OUT|ERR|HUP at once, which the OUT-first dispatch routes
+# to on_write, where SO_ERROR tells the reason.
+
+class _Connecting(IOHandle):
+    __slots__ = ("target", "addr")
+
+    def on_write(self) -> bool:
+        err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._fail(_oserror(err, str(self.addr)))
+        else:
+            self._succeed()
+        return True
+
+    def on_read(self) -> bool:          # HUP without OUT: the connect failed
+        err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED
+        self._fail(_oserror(err, str(self.addr)))
+        return True
+
+    def on_timeout(self, now_ms: int) -> bool:
+        self._fail(_oserror(errno.ETIMEDOUT, "connect to %s" % (self.addr,)))
+        return False
+
+    def _detach(self) -> socket.socket:
+        """Leave the poller without closing the socket (it passes to the target)."""
+        self.cancel_timer()
+        p = self.poller
+        if self._mask:
+            p._backend.unregister(self.fd)
+            self._mask = 0
+        if p._handlers.get(self.fd) is self:
+            del p._handlers[self.fd]
+        self._state = _CLOSED
+        sock, self._sock = self._sock, None
+        return sock
+
+    def _succeed(self) -> None:
+        sock = self._detach()
+        h = self.target
+        h._sock = sock
+        h.fd = sock.fileno()
+        h.peer = self.addr
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _open_handler(h)
+
+    def _fail(self, err: OSError) -> None:
+        if self._state == _CLOSED:
+            return
+        sock = self._detach()
+        sock.close()
+        self.fd = -1
+        h = self.target
+        h.error = err
+        try:
+            h.on_connect_fail(err)
+        except Exception:
+            _log.exception("exception in on_connect_fail of %s", _safe_repr(h))
+        if h._owner is not None:
+            h._owner._handler_event(h, "failed")
+
+
+class Connector:
+    """Makes outgoing connections for handlers on ``reactor``.
+
+    ``rcvbuf`` sets SO_RCVBUF on each new socket (0 leaves it alone).
+    """
+
+    def __init__(self, reactor: Reactor, *, rcvbuf: int = 0) -> None:
+        if not isinstance(reactor, Reactor):
+            raise TypeError("reactor must be a Reactor, got %r" % (reactor,))
+        self.reactor = reactor
+        self.rcvbuf = _check_int("rcvbuf", rcvbuf, 0)
+
+    def __repr__(self) -> str:
+        return "<goev.Connector on %r>" % (self.reactor,)
+
+    def connect(self, addr: Union[str, tuple], handler: IOHandle, timeout_ms: float) -> None:
+        """Connect ``handler`` to ``addr`` without blocking (host names are resolved
+        here, in the calling thread, which may block).  Any thread.
+
+        Exactly one of ``handler.on_open()`` or ``handler.on_connect_fail(err)``
+        follows on the poller thread; ``err`` is ConnectionRefusedError,
+        TimeoutError (after ``timeout_ms``; 0 means no timeout), an unreachable
+        error or another OSError.  Raises ValueError/TypeError at the call for a
+        malformed address, a negative timeout or a handler already in use.
+        """
+        if not isinstance(handler, IOHandle):
+            raise TypeError("handler must be an IOHandle, got %r" % (handler,))
+        if handler._sock is not None or handler.poller is not None:
+            raise ValueError("%s is already open or registered" % _safe_repr(handler))
+        timeout = _check_delay("timeout_ms", timeout_ms)
+        if self.reactor._stopped:
+            raise RuntimeError("reactor is stopped")
+        family, sockaddr = parse_address(addr)
+        if family != socket.AF_UNIX and sockaddr[1] == 0:
+            raise ValueError("cannot connect to port 0 in %r" % (addr,))
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            if self.rcvbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+            err = sock.connect_ex(sockaddr)
+        except BaseException:
+            sock.close()
+            raise
+        c = _Connecting()
+        c.target = handler
+        c.addr = addr if isinstance(addr, str) else sockaddr
+        c._sock = sock
+        c.fd = sock.fileno()
+        handler.reactor = self.reactor
+        p = self.reactor._poller_for(c.fd)
+        p._post(self._start, c, err, timeout) if p._tid != _get_ident() else self._start(c, err, timeout)
+
+    @staticmethod
+    def _start(c: _Connecting, err: int, timeout: float) -> None:
+        p = c.target.reactor._poller_for(c.fd)
+        c.reactor = c.target.reactor
+        c.poller = p
+        c._state = _OPEN
+        if err == 0:                      # immediate success (common on unix sockets)
+            c._succeed()
+        elif err in (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
+            try:
+                p._add(c, c.fd, EV_OUT)
+            except Exception as e:
+                c._fail(e if isinstance(e, OSError) else _oserror(errno.ECONNABORTED, str(e)))
+                return
+            if timeout and timeout != math.inf:
+                c.schedule_timer(timeout)
+        else:
+            c._fail(_oserror(err, str(c.addr)))
+
+
+# =============================================================================
+# 11. ConnectPool: a pool of client connections
+# =============================================================================
+# The pool keeps at least ``min_idle`` open, idle connections to one address,
+# adding ``add_step`` at a time and never more than ``max_live``.  All its
+# bookkeeping runs on one poller thread (a periodic timer plus posted work);
+# acquire()/release() may be called from any thread and only touch a deque.
+# A connection that closes leaves the pool (its _owner hook tells us).
+
+class ConnectPool:
+    """A self-refilling pool of connections made by ``connector`` to ``addr``.
+
+    ``factory()`` builds each handler (an IOHandle; its ``on_open`` must
+    register it, as the default does).  ``acquire()`` returns an open idle
+    handler or None (and triggers a refill); ``release(h)`` gives it back.
+    Maintenance runs every ``keep_interval_ms`` on poller 0 of the connector's
+    reactor.  ``close()`` closes every connection and stops maintenance.
+    """
+
+    def __init__(self, connector: Connector, addr: Union[str, tuple], factory: Callable[[], IOHandle],
+                 min_idle: int, add_step: int, max_live: int, connect_timeout_ms: float,
+                 keep_interval_ms: float) -> None:
+        if not isinstance(connector, Connector):
+            raise TypeError("connector must be a Connector, got %r" % (connector,))
+        if not callable(factory):
+            raise TypeError("factory must be callable, got %r" % (factory,))
+        _check_int("min_idle", min_idle, 1)
+        _check_int("add_step", add_step, 1)
+        _check_int("max_live", max_live, 1)
+        if min_idle > max_live:
+            raise ValueError("min_idle %d is above max_live %d" % (min_idle, max_live))
+        _check_delay("connect_timeout_ms", connect_timeout_ms)
+        ki = _check_delay("keep_interval_ms", keep_interval_ms)
+        if not 0 < ki < math.inf:
+            raise ValueError("keep_interval_ms must be > 0 and finite, got %r" % (keep_interval_ms,))
+        parse_address(addr)                       # fail now on a malformed address
+        self.connector = connector
+        self.addr = addr
+        self.factory = factory
+        self.min_idle, self.add_step, self.max_live = min_idle, add_step, max_live
+        self.connect_timeout_ms = connect_timeout_ms
+        self._idle: collections.deque = collections.deque()
+        self._members: set = set()                # every live or connecting handler
+        self._connecting = 0
+        self._closed = False
+        self._poller = connector.reactor.pollers[0]
+        self._timer = self._poller._call_at(_monotonic(), ki / 1000.0, self._keep, ())
+
+    def __repr__(self) -> str:
+        return "<goev.ConnectPool %s idle=%d live=%d%s>" % (
+            self.addr, self.idle, self.live, " closed" if self._closed else "")
+
+    @property
+    def idle(self) -> int:
+        """Open connections waiting in the pool."""
+        return len(self._idle)
+
+    @property
+    def live(self) -> int:
+        """Open connections owned by the pool (idle or acquired)."""
+        return len(self._members) - self._connecting
+
+    def acquire(self) -> Optional[IOHandle]:
+        """An open idle handler, or None (a refill is then triggered).  Any thread."""
+        while True:
+            try:
+                h = self._idle.popleft()
+            except IndexError:
+                break
+            if not h.closed:
+                if len(self._idle) < self.min_idle:
+                    self._poller._post(self._keep)
+                return h
+        if not self._closed:
+            self._poller._post(self._keep)
+        return None
+
+    def release(self, h: IOHandle) -> None:
+        """Give ``h`` back; a closed one is dropped.  Raises ValueError for a handler
+        that is not this pool's.  Any thread."""
+        if getattr(h, "_owner", None) is not self:
+            raise ValueError("%s does not belong to %r" % (_safe_repr(h), self))
+        if self._closed or h.closed:
+            if self._closed:
+                h.close()
+            return
+        self._idle.append(h)
+
+    def close(self) -> None:
+        """Close every pooled connection and stop maintenance.  Any thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._timer.cancel()
+        self._idle.clear()
+        for h in list(self._members):
+            h.close()
+
+    def _keep(self) -> bool:
+        """Top the pool up (poller 0's thread)."""
+        if self._closed:
+            return False
+        live = self.live
+        idle = len(self._idle)
+        if idle < self.min_idle and not self._connecting:
+            n = self.min_idle if live == 0 else self.add_step
+            n = min(n, self.max_live - live - self._connecting)
+            for _ in range(max(0, n)):
+                self._connect_one()
+        return True
+
+    def _connect_one(self) -> None:
+        h = self.factory()
+        if not isinstance(h, IOHandle):
+            raise TypeError("pool factory returned %r, not an IOHandle" % (h,))
+        h._owner = self
+        self._members.add(h)
+        self._connecting += 1
+        try:
+            self.connector.connect(self.addr, h, self.connect_timeout_ms)
+        except Exception:
+            self._connecting -= 1
+            self._members.discard(h)
+            _log.exception("%r: connect failed", self)
+
+    def _handler_event(self, h: IOHandle, what: str) -> None:
+        """A member opened, failed to connect or closed (any thread: the
+        bookkeeping itself always runs on the pool's poller)."""
+        if self._poller._tid != _get_ident() and self._poller._running:
+            self._poller._post(self._handler_event, h, what)
+            return
+        if what == "opened":
+            self._connecting -= 1
+            if self._closed:
+                h.close()
+            elif not h.closed:
+                self._idle.append(h)
+            return
+        if what == "failed":
+            self._connecting -= 1
+        self._members.discard(h)
+        try:
+            self._idle.remove(h)
+        except ValueError:
+            pass
+
+
+# =============================================================================
+# 12. The command line: python -m goev echo ADDR
+# =============================================================================
+# The CLI is a thin user of the public API.  Exit codes: 0 after a clean
+# SIGINT/SIGTERM stop, 2 for bad usage (a malformed address, a port in use),
+# with one line on stderr and no traceback.
+
+class _EchoHandler(IOHandle):
+    """The echo server of the module docstring, written for speed."""
+    __slots__ = ()
+
+    def on_read(self) -> bool:
+        data = self.read()
+        if data is None:
+            return True
+        if not data:
+            return False
+        self.write(data)
+        return True
+
+
+def _main(argv: Optional[list] = None) -> int:           # pragma: no cover - run as a process
+    import argparse
+    import signal
+    parser = argparse.ArgumentParser(prog="python -m goev", description="goev reactor servers")
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
+    sub.required = True
+    for name, helptext in (("echo", "a TCP echo server"),):
+        sp = sub.add_parser(name, help=helptext, description="Run %s on ADDR." % helptext)
+        sp.add_argument("addr", metavar="ADDR",
+                        help='":8080", "127.0.0.1:8080", "[::1]:8080", "unix:/path"')
+        sp.add_argument("--pollers", type=int, default=1, metavar="N", help="poller threads (default 1)")
+        sp.add_argument("--backend", default="auto", help="auto (default), epoll or selectors")
+    args = parser.parse_args(argv)
+    try:
+        reactor = Reactor(args.pollers, backend=args.backend)
+    except (TypeError, ValueError) as e:
+        print("goev: %s" % e, file=sys.stderr)
+        return 2
+    try:
+        acceptor = Acceptor(reactor, args.addr, _EchoHandler)
+    except (TypeError, ValueError, OSError) as e:
+        reactor.stop()
+        print("goev: cannot listen on %s: %s" % (args.addr, e), file=sys.stderr)
+        return 2
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: reactor.stop())
+    print("goev %s: %s server on %s (%d poller%s, %s)" % (
+        __version__, args.cmd, acceptor.address, args.pollers, "s" * (args.pollers > 1),
+        reactor.backend), file=sys.stderr, flush=True)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":                                  # pragma: no cover
+    sys.exit(_main())
