@@ -429,6 +429,7 @@ def measure_loadgen(srv, sc, dur, cfg):
                user_us=(u1 - u0) * 1e6 / n if n else None,
                sys_us=(s1 - s0) * 1e6 / n if n else None,
                cpu_util=((u1 - u0) + (s1 - s0)) / kv["elapsed"] if kv["elapsed"] else None,
+               load_util=kv["cpu"] / kv["elapsed"] if kv.get("cpu") is not None and kv["elapsed"] else None,
                errors=int(kv.get("errors", 0)))
     if err:
         res["stderr"] = err[-300:]
@@ -446,6 +447,7 @@ def measure_wrk(srv, sc, dur, cfg):
     else:
         cmd += [url]
     pids = srv.pids()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk is the only child reaped in the window
     u0, s0 = cpu_times(pids)
     p = spawn(cmd, cfg["load_cpu"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
               stderr=subprocess.STDOUT, universal_newlines=True)
@@ -454,6 +456,8 @@ def measure_wrk(srv, sc, dur, cfg):
     finally:
         reap(p, timeout=5, sig=signal.SIGKILL)
     u1, s1 = cpu_times(pids)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wrk_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     m = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
     if not m:
         raise RuntimeError("wrk output not understood:\n" + out[-1000:])
@@ -470,6 +474,7 @@ def measure_wrk(srv, sc, dur, cfg):
                 user_us=(u1 - u0) * 1e6 / n if n else None,
                 sys_us=(s1 - s0) * 1e6 / n if n else None,
                 cpu_util=((u1 - u0) + (s1 - s0)) / secs if secs else None,
+                load_util=wrk_cpu / secs if secs else None,
                 errors=errors)
 
 
@@ -578,7 +583,8 @@ def summarize(results, servers):
                 row.update(value=med(vals), lo=min(vals) if vals else None, hi=max(vals) if vals else None,
                            user_us=med([r.get("user_us") for r in runs]),
                            sys_us=med([r.get("sys_us") for r in runs]),
-                           cpu_util=med([r.get("cpu_util") for r in runs]))
+                           cpu_util=med([r.get("cpu_util") for r in runs]),
+                           load_util=med([r.get("load_util") for r in runs]))
             rows[srv] = row
         if rows:
             out[sc["name"]] = rows
@@ -607,17 +613,18 @@ def tables_markdown(summary, servers):
                     fmt_ratio(g and g["value"], r["value"])))
         else:
             u = sc["unit"]
-            lines.append("| server | %s/s (median) | min–max | user µs/%s | sys µs/%s | server CPU | goev ÷ this, %s/s | goev ÷ this, user µs |"
+            lines.append("| server | %s/s (median) | min–max | user µs/%s | sys µs/%s | server CPU | load CPU | goev ÷ this, %s/s | goev ÷ this, user µs |"
                          % (u, u, u, u))
-            lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+            lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
             for srv in servers:
                 r = rows.get(srv)
                 if not r:
                     continue
-                lines.append("| %s | %s | %s–%s | %s | %s | %s | %s | %s |" % (
+                pct = lambda v: "-" if v is None else "%.0f%%" % (100 * v)
+                lines.append("| %s | %s | %s–%s | %s | %s | %s | %s | %s | %s |" % (
                     SERVER_TITLES[srv], fmt_rate(r["value"]), fmt_rate(r["lo"]), fmt_rate(r["hi"]),
                     fmt_us(r.get("user_us")), fmt_us(r.get("sys_us")),
-                    "-" if r.get("cpu_util") is None else "%.0f%%" % (100 * r["cpu_util"]),
+                    pct(r.get("cpu_util")), pct(r.get("load_util")),
                     fmt_ratio(g and g["value"], r["value"]),
                     fmt_ratio(g and g.get("user_us"), r.get("user_us"))))
         notes = []
@@ -771,7 +778,10 @@ def write_report(results, servers, notes, info, args_line, wall, write_files=Tru
           "the load window divided by the requests served. On loopback the kernel's share of a request is "
           "about the same for every server, so **user µs per request is the sharpest comparison**; "
           "req/s also depends on how much of CPU 0 the server can use. `goev ÷ this` > 1 means goev is "
-          "higher (better for req/s, worse for µs and KiB)." % (info["runs"], info["duration"]), "",
+          "higher (better for req/s, worse for µs and KiB). `server CPU` and `load CPU` are the share of "
+          "one core the server and the load generator used in the window: when the load generator is "
+          "near 100%% the scenario measures the client, not the server, and only the µs columns compare "
+          "servers." % (info["runs"], info["duration"]), "",
           warm, "",
           "The machine is shared and noisy (2 cores); compare ratios within one run rather than "
           "absolute numbers across runs.", ""]
@@ -898,9 +908,9 @@ def main(argv=None):
                             "-" if res["bytes_per_conn"] is None else "%.1f" % (res["bytes_per_conn"] / 1024),
                             res["count"], res["open_secs"])
                     else:
-                        desc = "%s %s/s, user %s µs, sys %s µs, cpu %.0f%%" % (
+                        desc = "%s %s/s, user %s µs, sys %s µs, server cpu %.0f%%, load cpu %.0f%%" % (
                             fmt_rate(res["rate"]), sc["unit"], fmt_us(res["user_us"]), fmt_us(res["sys_us"]),
-                            100 * (res["cpu_util"] or 0))
+                            100 * (res["cpu_util"] or 0), 100 * (res.get("load_util") or 0))
                     if res.get("errors"):
                         desc += ", %d errors" % res["errors"]
                     if res.get("note"):
