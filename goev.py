@@ -930,6 +930,7 @@ class _Poller:
         self._done = False
         self._thread: Optional[threading.Thread] = None
         self._finished = threading.Event()
+        self._drained = False              # set by Reactor.shutdown once this poller is empty
         self._backend.register(self._waker.fd, EV_IN)
 
     def __repr__(self) -> str:
@@ -1182,6 +1183,207 @@ class _Poller:
         self._inbox.clear()
 
 
+# -- Trace mode ------------------------------------------------------------------
+# Reactor(trace=True), GOEV_TRACE=1 or --trace picks _TracePoller instead of
+# _Poller.  It is the same loop, step for step, with a line on stderr for each
+# step: what the kernel reported, which callback ran, every recv/send (partial
+# sends visible), every epoll_ctl (EV_OUT armed/disarmed), timers, wake-ups,
+# accepts and closes.  It wraps the backend and each registered socket in
+# printing proxies, so the fast path is untouched when tracing is off.
+
+def _ev_names(ev: int) -> str:
+    names = [n for bit, n in ((EV_IN, "IN"), (EV_OUT, "OUT"), (_EPOLLRDHUP, "RDHUP"),
+                              (_EPOLLHUP, "HUP"), (_EPOLLERR, "ERR"), (EV_ET, "ET")) if ev & bit]
+    return "|".join(names) or "none"
+
+
+class _TracedBackend:
+    """Prints every registration change, then forwards to the real backend."""
+
+    def __init__(self, backend: Any, say: Callable[[str], None]) -> None:
+        self._b, self._say, self.name = backend, say, backend.name
+        self.threadsafe_ctl = backend.threadsafe_ctl
+        self._ev: dict = {}
+
+    def register(self, fd: int, ev: int) -> None:
+        self._say("fd %d: watch %s%s" % (fd, _ev_names(ev), " (EV_OUT armed)" if ev & EV_OUT else ""))
+        self._b.register(fd, ev)
+        self._ev[fd] = ev
+
+    def modify(self, fd: int, ev: int) -> None:
+        old = self._ev.get(fd, 0)
+        note = " (EV_OUT armed)" if ev & EV_OUT and not old & EV_OUT else \
+            " (EV_OUT disarmed)" if old & EV_OUT and not ev & EV_OUT else \
+            " (reading paused)" if old & EV_IN and not ev & EV_IN else \
+            " (reading resumed)" if ev & EV_IN and not old & EV_IN else ""
+        self._say("fd %d: watch %s -> %s%s" % (fd, _ev_names(old), _ev_names(ev), note))
+        self._b.modify(fd, ev)
+        self._ev[fd] = ev
+
+    def unregister(self, fd: int) -> None:
+        self._say("fd %d: stop watching" % fd)
+        self._ev.pop(fd, None)
+        self._b.unregister(fd)
+
+    def poll(self, timeout: float) -> list:
+        events = self._b.poll(timeout)
+        what = "%s_wait" % ("epoll" if self.name == "epoll" else "select")
+        shown = ", ".join("fd %d %s" % (fd, _ev_names(ev)) for fd, ev in events)
+        self._say("%s(timeout=%s) -> %d event%s%s" % (
+            what, "none" if timeout < 0 else "%.3fs" % timeout, len(events),
+            "" if len(events) == 1 else "s", ": " + shown if shown else ""))
+        return events
+
+    def close(self) -> None:
+        self._b.close()
+
+
+class _TracedSocket:
+    """A socket whose I/O calls print what they did; everything else forwards."""
+
+    def __init__(self, sock: socket.socket, say: Callable[[str], None]) -> None:
+        self._s, self._say = sock, say
+        self._fd = sock.fileno()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._s, name)
+
+    def recv_into(self, buf: Any, *a: Any) -> int:
+        try:
+            n = self._s.recv_into(buf, *a)
+        except BlockingIOError:
+            self._say("fd %d: recv -> nothing ready (EAGAIN)" % self._fd)
+            raise
+        except OSError as e:
+            self._say("fd %d: recv -> %s" % (self._fd, e))
+            raise
+        self._say("fd %d: recv -> %d bytes%s" % (self._fd, n, "" if n else " (end of stream)"))
+        return n
+
+    def send(self, data: Any, *a: Any) -> int:
+        try:
+            n = self._s.send(data, *a)
+        except OSError as e:
+            self._say("fd %d: send %d bytes -> %s" % (self._fd, len(data), e))
+            raise
+        self._say("fd %d: send %d bytes -> %d sent%s" % (
+            self._fd, len(data), n, "" if n == len(data) else " (partial: rest queued)"))
+        return n
+
+    def sendmsg(self, bufs: list, *a: Any) -> int:
+        total = sum(map(len, bufs))
+        try:
+            n = self._s.sendmsg(bufs, *a)
+        except OSError as e:
+            self._say("fd %d: sendmsg %d buffers, %d bytes -> %s" % (self._fd, len(bufs), total, e))
+            raise
+        self._say("fd %d: sendmsg %d buffers, %d bytes -> %d sent" % (self._fd, len(bufs), total, n))
+        return n
+
+    def accept(self) -> tuple:
+        conn, addr = self._s.accept()
+        self._say("fd %d: accept -> new connection fd %d from %r" % (self._fd, conn.fileno(), addr))
+        return conn, addr
+
+    def shutdown(self, how: int) -> None:
+        self._say("fd %d: shutdown(SHUT_WR): FIN sent" % self._fd)
+        self._s.shutdown(how)
+
+    def close(self) -> None:
+        self._say("fd %d: close(fd)" % self._fd)
+        self._s.close()
+
+
+class _TracePoller(_Poller):
+    """The teaching loop: _Poller's loop, one stderr line per step (trace mode)."""
+
+    def __init__(self, *a: Any) -> None:
+        super().__init__(*a)
+        self._backend = _TracedBackend(self._backend, self._say)
+        self._say("created: %s backend, waker fd %d" % (self._backend.name, self._waker.fd))
+
+    def _say(self, msg: str) -> None:
+        sys.stderr.write("goev[p%d] %s\n" % (self.index, msg))
+        sys.stderr.flush()
+
+    def _add(self, h: IOHandle, fd: int, events: int) -> None:
+        if h._sock is not None and not isinstance(h._sock, _TracedSocket):
+            h._sock = _TracedSocket(h._sock, self._say)
+        self._say("fd %d: add handler %s for %s" % (fd, type(h).__name__, _ev_names(events)))
+        super()._add(h, fd, events)
+
+    def _post(self, fn: Callable, *args: Any) -> None:
+        wake = not self._wake_pending
+        super()._post(fn, *args)
+        if wake:
+            self._say("posted %s: waker written" % getattr(fn, "__name__", fn))
+
+    def _drain_inbox(self) -> None:
+        self._say("wake-up: running %d posted item%s" % (len(self._inbox), "s" * (len(self._inbox) != 1)))
+        super()._drain_inbox()
+
+    def _run_timers(self, now: float) -> None:
+        due = sum(1 for e in self._timers if e[0] <= now and e[2]._fn is not None)
+        self._say("timers: %d due" % due)
+        super()._run_timers(now)
+
+    def _finish_closes(self) -> None:
+        for h in self._closing:
+            self._say("fd %d: closed -> on_close of %s" % (h.fd, type(h).__name__))
+        super()._finish_closes()
+
+    def _loop(self) -> None:
+        say = self._say
+        handlers = self._handlers
+        while not self._stopping:
+            events = self._backend.poll(self._timeout())
+            for fd, ev in events:
+                h = handlers.get(fd)
+                if h is None:
+                    if fd == self._waker.fd:
+                        say("fd %d: waker readable (drained)" % fd)
+                        self._waker.drain()
+                    else:
+                        say("fd %d: no handler any more (closed earlier in this batch): dropped" % fd)
+                    continue
+                name = type(h).__name__
+                try:
+                    if ev & EV_OUT:
+                        say("fd %d: %s.on_write()" % (fd, name))
+                        if not h.on_write():
+                            say("fd %d: on_write returned False -> close" % fd)
+                            h.close()
+                        if h._state:
+                            if h._state == _CLOSING and ev & _HUP_ERR:
+                                h.abort()
+                            continue
+                    if ev & _IN_ANY:
+                        if h._mask & EV_IN:
+                            say("fd %d: %s.on_read()" % (fd, name))
+                            if not h.on_read():
+                                say("fd %d: on_read returned False -> close (after flushing %d queued bytes)"
+                                    % (fd, h._wq_bytes))
+                                h.close()
+                        elif ev & _HUP_ERR:
+                            say("fd %d: hang-up while not reading -> abort" % fd)
+                            h.error = h.error or ConnectionResetError(errno.ECONNRESET, "connection reset")
+                            h.abort()
+                except Exception:
+                    say("fd %d: %s raised -> logged, handler closed" % (fd, name))
+                    self._fault(h, "callback")
+            if self._closing:
+                self._finish_closes()
+            if self._timers and self._timers[0][0] <= _monotonic():
+                self._run_timers(_monotonic())
+                if self._closing:
+                    self._finish_closes()
+            if self._inbox:
+                self._drain_inbox()
+                if self._closing:
+                    self._finish_closes()
+        say("loop ends (stop requested)")
+
+
 # =============================================================================
 # 8. Reactor: N pollers, placement, start/stop, cross-thread posts
 # =============================================================================
@@ -1196,15 +1398,22 @@ class Reactor:
 
     Parameters: ``pollers`` (>= 1), ``backend`` ("auto", "epoll", "selectors";
     auto honours the GOEV_BACKEND environment variable), ``read_buffer_size``
-    (bytes of each poller's shared read buffer).  Raises ValueError/TypeError
+    (bytes of each poller's shared read buffer), ``trace`` (print every loop
+    step to stderr; None: on if the GOEV_TRACE environment variable is set).  Raises ValueError/TypeError
     on bad arguments.  Use as a context manager to be sure it is stopped.
     """
 
     def __init__(self, pollers: int = 1, *, backend: str = "auto",
-                 read_buffer_size: int = DEFAULT_READ_BUFFER) -> None:
+                 read_buffer_size: int = DEFAULT_READ_BUFFER, trace: Optional[bool] = None) -> None:
         _check_int("pollers", pollers, 1)
         _check_int("read_buffer_size", read_buffer_size, 1)
         backend_cls = _pick_backend(backend)
+        if trace is None:
+            trace = os.environ.get("GOEV_TRACE", "") not in ("", "0")
+        # The traced loop is a different class, chosen once here: the fast loop
+        # never tests a trace flag.
+        poller_cls = _TracePoller if trace else _Poller
+        self.trace = bool(trace)
         self.backend: str = backend_cls.name
         self.pollers: list = []
         self._lock = threading.Lock()
@@ -1212,7 +1421,7 @@ class Reactor:
         self._stopped = False
         try:
             for i in range(pollers):
-                self.pollers.append(_Poller(self, i, backend_cls, read_buffer_size))
+                self.pollers.append(poller_cls(self, i, backend_cls, read_buffer_size))
         except BaseException:
             for p in self.pollers:
                 p._stopping = True
@@ -1234,11 +1443,11 @@ class Reactor:
     def _poller_for(self, fd: int) -> _Poller:
         return self.pollers[fd % len(self.pollers)]
 
-    def add_handler(self, handler: IOHandle, fd: int, events: int) -> None:
+    def add_handler(self, handler: IOHandle, fd: int, events: int, *, poller: Optional[int] = None) -> None:
         """Register ``handler`` for ``events`` (EV_IN, EV_OUT, optionally | EV_ET) on
-        poller[fd % N].  From any thread; takes effect at once (with epoll) or as
-        soon as the poller wakes.  Raises TypeError/ValueError on bad arguments,
-        RuntimeError once stopped."""
+        poller[fd % N] -- or on poller[``poller``] to pin it (REUSEPORT acceptors).
+        From any thread; takes effect at once (with epoll) or as soon as the poller
+        wakes.  Raises TypeError/ValueError on bad arguments, RuntimeError once stopped."""
         if not isinstance(handler, IOHandle):
             raise TypeError("handler must be an IOHandle, got %r" % (handler,))
         _check_int("fd", fd, 0)
@@ -1248,7 +1457,13 @@ class Reactor:
             raise RuntimeError("reactor is stopped")
         if handler.poller is not None and handler._state != _CLOSED:
             raise ValueError("%s is already registered" % _safe_repr(handler))
-        p = self._poller_for(fd)
+        if poller is None:
+            p = self._poller_for(fd)
+        else:
+            _check_int("poller", poller, 0)
+            if poller >= len(self.pollers):
+                raise ValueError("poller %d out of range (reactor has %d)" % (poller, len(self.pollers)))
+            p = self.pollers[poller]
         handler.reactor = self
         if handler.fd != fd:
             handler.fd = fd
@@ -1273,6 +1488,8 @@ class Reactor:
         if not isinstance(events, int) or not events or events & ~_EV_ALL:
             raise ValueError("events must combine EV_IN/EV_OUT/EV_ET, got %r" % (events,))
         p = self._poller_for(fd)
+        if fd not in p._handlers:               # pinned elsewhere (poller=...)?
+            p = next((q for q in self.pollers if fd in q._handlers), p)
         if p._running and p._tid != _get_ident():
             p._post(self._change_events, fd, events, add)
             return
@@ -1382,6 +1599,32 @@ class Reactor:
             return
         self._join(timeout)
 
+    def shutdown(self, drain_timeout: float = 10.0) -> None:
+        """Graceful stop: stop accepting, close every connection once its queued
+        writes are flushed (``close()``), then ``stop()`` -- at the latest after
+        ``drain_timeout`` seconds.  Returns at once; safe from any thread and from
+        a signal handler.  ``run()`` returns when the drain is over."""
+        timeout = _check_delay("drain_timeout", drain_timeout)
+        deadline = _monotonic() + timeout
+        self.post(self._drain_step, deadline)
+
+    def _drain_step(self, deadline: float) -> None:
+        """On each poller: close listeners and connections (flush first), then
+        poll until this poller is empty; the last poller to empty stops all."""
+        p = self.pollers[0] if len(self.pollers) == 1 else next(
+            q for q in self.pollers if q._tid == _get_ident())
+        for h in list(p._handlers.values()):
+            if isinstance(h, Acceptor):
+                IOHandle.close(h)
+            elif not isinstance(h, _Connecting):
+                h.close()
+        if p._handlers and _monotonic() < deadline:
+            p._call_at(min(deadline, _monotonic() + 0.01), 0.0, self._drain_step, (deadline,))
+            return
+        p._drained = True
+        if all(q._drained for q in self.pollers) or _monotonic() >= deadline:
+            self.stop()
+
     def _join(self, timeout: Optional[float]) -> None:
         deadline = None if timeout is None else _monotonic() + timeout
         for p in self.pollers:
@@ -1455,6 +1698,8 @@ class Acceptor(IOHandle):
     ``factory`` is any zero-argument callable returning an IOHandle.  Accepted
     handlers get ``reactor = conn_reactor or reactor`` and their ``on_open`` runs
     on the acceptor's poller thread.  Port 0 picks a free port: see ``address``.
+    ``poller=i`` pins the listening socket to poller i (one REUSEPORT acceptor
+    per poller: the kernel then spreads connections over the pollers).
     Raises ValueError/TypeError for bad arguments, OSError (e.g. EADDRINUSE)
     when the address cannot be bound.  ``close()`` stops listening (any thread).
     """
@@ -1462,7 +1707,7 @@ class Acceptor(IOHandle):
 
     def __init__(self, reactor: Reactor, addr: Union[str, tuple], factory: Callable[[], IOHandle], *,
                  conn_reactor: Optional[Reactor] = None, backlog: int = 512, reuse_addr: bool = True,
-                 reuse_port: bool = False, rcvbuf: int = 0) -> None:
+                 reuse_port: bool = False, rcvbuf: int = 0, poller: Optional[int] = None) -> None:
         if not isinstance(reactor, Reactor):
             raise TypeError("reactor must be a Reactor, got %r" % (reactor,))
         if conn_reactor is not None and not isinstance(conn_reactor, Reactor):
@@ -1496,7 +1741,7 @@ class Acceptor(IOHandle):
             sock.setblocking(False)
             self._sock = sock
             self.peer = None
-            reactor.add_handler(self, sock.fileno(), EV_IN)
+            reactor.add_handler(self, sock.fileno(), EV_IN, poller=poller)
         except BaseException:
             sock.close()
             raise
@@ -1878,11 +2123,213 @@ class ConnectPool:
 
 
 # =============================================================================
-# 12. The command line: python -m goev echo ADDR
+# 12. Multi-process serving: serve()
 # =============================================================================
-# The CLI is a thin user of the public API.  Exit codes: 0 after a clean
-# SIGINT/SIGTERM stop, 2 for bad usage (a malformed address, a port in use),
-# with one line on stderr and no traceback.
+# Under the GIL one process runs Python on one core at a time, so a server
+# uses every core with processes.  serve() forks N workers; each builds its
+# own Reactor *after* the fork (a reactor never crosses a fork: its epoll fd,
+# threads and locks would be shared or dead) and its own SO_REUSEPORT
+# listener, so the kernel spreads connections over the workers.  The
+# supervisor holds the port (bound, not listening: it takes no connections),
+# restarts a worker that dies -- with backoff, so a crash loop cannot spin --
+# and turns SIGTERM/SIGINT into a graceful drain of every worker.
+
+_RESTART_BACKOFF_MIN = 0.1   # seconds before restarting a worker that died young ...
+_RESTART_BACKOFF_MAX = 5.0   # ... doubling up to this while it keeps dying young
+_WORKER_YOUNG = 1.0          # a worker that ran less than this counts as a crash loop
+
+
+def _listen(reactor: Reactor, addr: Any, factory: Callable[[], IOHandle], reuse_port: bool,
+            **kw: Any) -> list:
+    """One Acceptor, or one per poller pinned to it (the REUSEPORT pattern)."""
+    n = len(reactor.pollers)
+    if n == 1:
+        return [Acceptor(reactor, addr, factory, reuse_port=reuse_port, **kw)]
+    first = Acceptor(reactor, addr, factory, reuse_port=True, poller=0, **kw)
+    bound = first.address
+    if first._family != socket.AF_UNIX:
+        addr = (bound[0], bound[1])           # port 0: the others join the port the first got
+    return [first] + [Acceptor(reactor, addr, factory, reuse_port=True, poller=i, **kw)
+                      for i in range(1, n)]
+
+
+def _serve_here(addr: Any, factory: Callable[[], IOHandle], pollers: int, backend: str,
+                drain_timeout: float, reuse_port: bool, ready: Optional[Callable], trace: Optional[bool],
+                setup: Optional[Callable], kw: dict) -> int:
+    import signal
+    reactor = Reactor(pollers, backend=backend, trace=trace)
+    try:
+        acceptors = _listen(reactor, addr, factory, reuse_port, **kw)
+        if setup is not None:
+            setup(reactor)
+    except BaseException:
+        reactor.stop()
+        raise
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        old[sig] = signal.signal(sig, lambda *_: reactor.shutdown(drain_timeout))
+    try:
+        if ready is not None:
+            ready(acceptors[0].address)
+        reactor.run()
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        reactor.stop()
+    return 0
+
+
+def serve(addr: Union[str, tuple], factory: Callable[[], IOHandle], *, workers: int = 1, pollers: int = 1,
+          backend: str = "auto", drain_timeout: float = 10.0, trace: Optional[bool] = None,
+          ready: Optional[Callable[[Any], None]] = None, setup: Optional[Callable[[Reactor], None]] = None,
+          **acceptor_kw: Any) -> int:
+    """Serve ``factory`` handlers on ``addr`` until SIGTERM/SIGINT; returns the exit code (0).
+
+    ``workers=1`` serves in this process (``pollers`` threads, one REUSEPORT
+    acceptor per poller when pollers > 1).  ``workers=N`` forks N supervised
+    worker processes, each with its own Reactor and SO_REUSEPORT acceptor(s); a
+    worker that dies is restarted (with backoff).  On SIGTERM/SIGINT every
+    worker stops accepting, lets open connections flush their queued writes
+    (``Reactor.shutdown``, at most ``drain_timeout`` s) and exits 0.
+    ``setup(reactor)`` runs in each worker before serving (timers, caches);
+    ``ready(address)`` is called once listening (in the supervisor for N > 1).
+    Other keywords go to Acceptor.  Main thread only (it installs signal handlers).
+    """
+    _check_int("workers", workers, 1)
+    _check_int("pollers", pollers, 1)
+    _check_delay("drain_timeout", drain_timeout)
+    _pick_backend(backend)
+    if not callable(factory):
+        raise TypeError("factory must be callable, got %r" % (factory,))
+    reuse_port = bool(acceptor_kw.pop("reuse_port", workers > 1))
+    if workers == 1:
+        return _serve_here(addr, factory, pollers, backend, drain_timeout, reuse_port, ready,
+                           trace, setup, acceptor_kw)
+    return _Supervisor(addr, factory, workers, pollers, backend, drain_timeout, trace, ready,
+                       setup, acceptor_kw).run()
+
+
+class _Supervisor:
+    """Forks, watches and restarts the workers of serve(); signal-driven, no threads."""
+
+    def __init__(self, addr: Any, factory: Callable, workers: int, pollers: int, backend: str,
+                 drain_timeout: float, trace: Optional[bool], ready: Optional[Callable],
+                 setup: Optional[Callable], kw: dict) -> None:
+        self.factory, self.workers, self.pollers, self.backend = factory, workers, pollers, backend
+        self.drain_timeout, self.trace, self.ready, self.setup, self.kw = drain_timeout, trace, ready, setup, kw
+        family, sockaddr = parse_address(addr)
+        self._hold = None
+        if family == socket.AF_UNIX:
+            self.addr = addr
+        else:
+            # Hold the port: bound with SO_REUSEPORT but not listening, so it takes
+            # no connections, port 0 resolves once, and nobody else can take it.
+            hold = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                hold.bind(sockaddr)
+            except BaseException:
+                hold.close()
+                raise
+            self._hold = hold
+            self.addr = hold.getsockname()[:2]
+        self.children: dict = {}                  # pid -> (slot, start time)
+        self.backoff = [_RESTART_BACKOFF_MIN] * workers
+        self.restart_at: dict = {}                # slot -> monotonic time
+
+    def _spawn(self, slot: int) -> None:
+        import signal
+        pid = os.fork()
+        if pid == 0:                                              # the worker
+            code = 1
+            try:
+                signal.pthread_sigmask(signal.SIG_SETMASK, self._oldmask)
+                for sig in (signal.SIGCHLD, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
+                if self._hold is not None:
+                    self._hold.close()
+                code = _serve_here(self.addr, self.factory, self.pollers, self.backend,
+                                   self.drain_timeout, True, None, self.trace, self.setup, self.kw)
+            except BaseException:
+                _log.critical("worker %d crashed", os.getpid(), exc_info=True)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.children[pid] = (slot, _monotonic())
+
+    def run(self) -> int:
+        import signal
+        sigs = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
+        self._oldmask = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+        stopping = False
+        kill_at = None
+        try:
+            for slot in range(self.workers):
+                self._spawn(slot)
+            if self.ready is not None:
+                self.ready(self.addr)
+            while self.children or (not stopping and self.restart_at):
+                info = signal.sigtimedwait(sigs, 0.2)
+                if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT) and not stopping:
+                    stopping = True
+                    kill_at = _monotonic() + self.drain_timeout + 5.0
+                    self.restart_at.clear()
+                    for pid in self.children:
+                        os.kill(pid, signal.SIGTERM)
+                self._reap(stopping)
+                now = _monotonic()
+                for slot, when in list(self.restart_at.items()):
+                    if now >= when:
+                        del self.restart_at[slot]
+                        self._spawn(slot)
+                if kill_at is not None and now > kill_at:
+                    for pid in self.children:
+                        os.kill(pid, signal.SIGKILL)
+                    kill_at = None
+        finally:
+            for pid in list(self.children):            # an exception above: leave no orphans
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                except OSError:
+                    pass
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._oldmask)
+            if self._hold is not None:
+                self._hold.close()
+        return 0
+
+    def _reap(self, stopping: bool) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid not in self.children:
+                continue
+            slot, started = self.children.pop(pid)
+            if stopping:
+                continue
+            lived = _monotonic() - started
+            if lived < _WORKER_YOUNG:
+                self.backoff[slot] = min(self.backoff[slot] * 2, _RESTART_BACKOFF_MAX)
+            else:
+                self.backoff[slot] = _RESTART_BACKOFF_MIN
+            _log.warning("worker %d exited (status %#x) after %.1fs; restarting in %.1fs",
+                         pid, status, lived, self.backoff[slot])
+            self.restart_at[slot] = _monotonic() + self.backoff[slot]
+
+
+# =============================================================================
+# 13. The command line: python -m goev echo|http ADDR
+# =============================================================================
+# The CLI is a thin user of the public API and doubles as the worked example
+# that closes the tour: an echo handler and a keep-alive HTTP handler with an
+# incremental, pipelining parser.  Exit codes: 0 after a clean SIGINT/SIGTERM
+# stop, 2 for bad usage (a malformed address, a port in use), with one line on
+# stderr and no traceback.
 
 class _EchoHandler(IOHandle):
     """The echo server of the module docstring, written for speed."""
@@ -1898,37 +2345,146 @@ class _EchoHandler(IOHandle):
         return True
 
 
+_HTTP_MAX_HEADER = 8192       # a request head larger than this is refused (400)
+_HTTP_BODY = b"Hello, World!"
+_HTTP_400 = (b"HTTP/1.1 400 Bad Request\r\nServer: goev\r\nContent-Length: 11\r\n"
+             b"Connection: close\r\n\r\nBad Request")
+_HTTP_METHODS = frozenset((b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"))
+
+
+def _http_date() -> bytes:
+    return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime()).encode()
+
+
+def _http_response(date: bytes) -> bytes:
+    return (b"HTTP/1.1 200 OK\r\nServer: goev\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n"
+            b"Date: " + date + b"\r\n\r\n" + _HTTP_BODY)
+
+
+def _http_setup(reactor: Reactor) -> None:
+    """Keep the Date header (and the whole canned response) in every poller's
+    cache, refreshed once a second by a timer on poller 0 (Go: PollSyncCache)."""
+    reactor.init_cache("http_response", _http_response(_http_date()))
+
+    def refresh() -> None:
+        reactor.sync_cache("http_response", _http_response(_http_date()))
+        reactor.call_later(1.0 - time.time() % 1.0 + 0.001, refresh)
+    reactor.call_later(1.0 - time.time() % 1.0 + 0.001, refresh)
+
+
+class _HttpHandler(IOHandle):
+    """Keep-alive "Hello, World!" with an incremental parser: requests may be split
+    across reads or pipelined many per read (answered in order, in one write);
+    Content-Length bodies are skipped; ``Connection: close`` and HTTP/1.0 close after
+    the answer; malformed input or an oversized head gets a 400 and a close."""
+    __slots__ = ("_buf", "_skip")
+
+    def __new__(cls, *a: Any, **kw: Any) -> "_HttpHandler":
+        self = IOHandle.__new__(cls)
+        self._buf = None                 # unparsed bytes carried over to the next read
+        self._skip = 0                   # body bytes still to skip
+        return self
+
+    def on_read(self) -> bool:
+        view = self.read()
+        if view is None:
+            return True
+        if not view:
+            return False
+        if self._buf is None:
+            data = bytes(view)
+        else:
+            self._buf += view
+            data = bytes(self._buf)
+            self._buf = None
+        n = len(data)
+        pos = self._skip                     # body bytes of the previous request still due
+        if pos >= n:
+            self._skip = pos - n
+            return True
+        self._skip = 0
+        out = 0
+        keep = True
+        bad = False
+        while pos < n:
+            end = data.find(b"\r\n\r\n", pos)
+            if end < 0:                      # an incomplete head: wait for more
+                if n - pos > _HTTP_MAX_HEADER:
+                    bad = True
+                else:
+                    self._buf = bytearray(data[pos:])
+                break
+            head = data[pos:end]
+            line_end = head.find(b"\r\n")
+            line = head if line_end < 0 else head[:line_end]
+            parts = line.split(b" ")
+            if len(parts) != 3 or parts[0] not in _HTTP_METHODS or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+                bad = True
+                break
+            clen = 0
+            if line_end >= 0:                # header fields: only the ones that matter here
+                lower = head[line_end:].lower()
+                if b"\r\ntransfer-encoding:" in lower:
+                    bad = True               # chunked request bodies are not supported
+                    break
+                i = lower.find(b"\r\ncontent-length:")
+                if i >= 0:
+                    v = lower[i + 17:].split(b"\r\n", 1)[0].strip()
+                    if not v.isdigit():
+                        bad = True
+                        break
+                    clen = int(v)
+                if b"\r\nconnection: close" in lower:
+                    keep = False
+                elif parts[2] == b"HTTP/1.0" and b"\r\nconnection: keep-alive" not in lower:
+                    keep = False
+            elif parts[2] == b"HTTP/1.0":
+                keep = False
+            out += 1
+            pos = end + 4 + clen
+            if not keep:
+                break
+        if pos > n:
+            self._skip = pos - n
+        if out:                              # every answer of this read in one write
+            resp = self.poller.cache["http_response"]
+            self.write(resp * out if out > 1 else resp)
+        if bad:
+            self.write(_HTTP_400)
+            return False
+        return keep
+
+
 def _main(argv: Optional[list] = None) -> int:           # pragma: no cover - run as a process
     import argparse
-    import signal
     parser = argparse.ArgumentParser(prog="python -m goev", description="goev reactor servers")
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.required = True
-    for name, helptext in (("echo", "a TCP echo server"),):
+    for name, helptext in (("echo", "a TCP echo server"),
+                           ("http", 'a keep-alive HTTP/1.1 "Hello, World!" server (pipelining)')):
         sp = sub.add_parser(name, help=helptext, description="Run %s on ADDR." % helptext)
         sp.add_argument("addr", metavar="ADDR",
                         help='":8080", "127.0.0.1:8080", "[::1]:8080", "unix:/path"')
-        sp.add_argument("--pollers", type=int, default=1, metavar="N", help="poller threads (default 1)")
+        sp.add_argument("--pollers", type=int, default=1, metavar="N", help="poller threads per process (default 1)")
+        sp.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (default 1)")
         sp.add_argument("--backend", default="auto", help="auto (default), epoll or selectors")
+        sp.add_argument("--trace", action="store_true", default=None,
+                        help="print every step of the loop to stderr (teaching)")
     args = parser.parse_args(argv)
+    factory, setup = (_EchoHandler, None) if args.cmd == "echo" else (_HttpHandler, _http_setup)
+
+    def ready(address: Any) -> None:
+        print("goev %s: %s server on %s (%d worker%s x %d poller%s, %s)" % (
+            __version__, args.cmd, address, args.workers, "s" * (args.workers > 1), args.pollers,
+            "s" * (args.pollers > 1), _pick_backend(args.backend).name), file=sys.stderr, flush=True)
     try:
-        reactor = Reactor(args.pollers, backend=args.backend)
+        return serve(args.addr, factory, workers=args.workers, pollers=args.pollers, backend=args.backend,
+                     trace=args.trace, ready=ready, setup=setup)
     except (TypeError, ValueError) as e:
         print("goev: %s" % e, file=sys.stderr)
-        return 2
-    try:
-        acceptor = Acceptor(reactor, args.addr, _EchoHandler)
-    except (TypeError, ValueError, OSError) as e:
-        reactor.stop()
+    except OSError as e:
         print("goev: cannot listen on %s: %s" % (args.addr, e), file=sys.stderr)
-        return 2
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: reactor.stop())
-    print("goev %s: %s server on %s (%d poller%s, %s)" % (
-        __version__, args.cmd, acceptor.address, args.pollers, "s" * (args.pollers > 1),
-        reactor.backend), file=sys.stderr, flush=True)
-    reactor.run()
-    return 0
+    return 2
 
 
 if __name__ == "__main__":                                  # pragma: no cover
