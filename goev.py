@@ -135,6 +135,8 @@ _ACCEPT_SKIP = frozenset((errno.ECONNABORTED, errno.EPERM, errno.EPROTO))
 _log = logging.getLogger("goev")
 _get_ident = threading.get_ident
 _monotonic = time.monotonic
+_DROP_LOCK = threading.RLock()  # counts async writes dropped after a poller stopped (rare path;
+                                # an RLock: a signal handler may post while this thread drops)
 
 
 def parse_address(addr: Union[str, tuple], *, resolve: bool = True) -> tuple:
@@ -351,11 +353,19 @@ class _Waker:
     An eventfd where the OS has one (one fd, an 8-byte counter), else a
     non-blocking socketpair.  wake() never blocks: a full pipe or a counter
     already set means the poller is awake anyway.  drain() empties it.
+    ``writes`` counts the wake-ups written (it shows that bursts coalesce).
     """
-    __slots__ = ("fd", "_w", "_pair")
+    __slots__ = ("fd", "_w", "_pair", "_lock", "writes")
 
     def __init__(self) -> None:
         self._pair = None
+        # wake() (any thread) and close() (the poller, at stop) exclude each
+        # other: without the lock a wake racing stop() could write into an fd
+        # number that close() just freed and another thread reused.  An RLock,
+        # because a signal handler may post on a thread already inside wake().
+        # Cheap: posts coalesce, so wake() runs once per burst, not per post.
+        self._lock = threading.RLock()
+        self.writes = 0
         if hasattr(os, "eventfd"):
             self.fd = self._w = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         else:                                             # pragma: no cover
@@ -368,10 +378,15 @@ class _Waker:
     _ONE = (1).to_bytes(8, sys.byteorder)
 
     def wake(self) -> None:
-        try:
-            os.write(self._w, self._ONE)
-        except OSError:     # EAGAIN: already awake; EBADF: closing -- both harmless
-            pass
+        with self._lock:
+            w = self._w
+            if w < 0:           # closed: the poller is gone, nobody to wake
+                return
+            self.writes += 1
+            try:
+                os.write(w, self._ONE)
+            except OSError:     # EAGAIN: already awake -- harmless
+                pass
 
     def drain(self) -> None:
         try:
@@ -382,12 +397,14 @@ class _Waker:
             pass
 
     def close(self) -> None:
-        if self._pair:
-            for s in self._pair:
-                s.close()
-        elif self.fd >= 0:
-            os.close(self.fd)
-        self.fd = self._w = -1
+        with self._lock:
+            fd, self.fd, self._w = self.fd, -1, -1    # first: a reentrant wake() sees -1
+            if self._pair:
+                for s in self._pair:
+                    s.close()
+                self._pair = None
+            elif fd >= 0:
+                os.close(fd)
 
 
 # =============================================================================
@@ -620,12 +637,22 @@ class IOHandle:
 
     def async_write(self, data: Any) -> None:
         """Like ``write``, safe from any thread: the data is copied and sent, in
-        order, by the owning poller.  On the owning thread it writes directly."""
+        order, by the owning poller.  On the owning thread it writes directly.
+
+        FIFO per handler; with the poller's own ``write`` calls the data takes
+        its place when the poller runs the posted write, which is before the
+        poller handles any I/O event that happened after this call returned
+        (or any ``post_to`` made after it).  Once the handler is closed (or the
+        reactor stopped) the data is dropped and counted in ``dropped_bytes``;
+        it is tied to this handler object, never to the fd number, so a new
+        handler that reuses the number never receives it."""
         p = self.poller
         if p is None or p._tid == _get_ident():
             self.write(data)
             return
-        p._post(self._write_posted, bytes(data))
+        # bytes(memoryview(x)) copies any buffer and, unlike bytes(x), rejects an
+        # int (bytes(5) would send five NULs) with a TypeError naming the type.
+        p._post(self._write_posted, data if type(data) is bytes else bytes(memoryview(data)))
 
     def _write_posted(self, data: bytes) -> None:
         if self._state == _CLOSED:
@@ -891,10 +918,11 @@ class IOHandle:
 # 7. _Poller: one thread, one loop
 # =============================================================================
 # The loop, one pass:  wait (timeout = next timer, 0 if work is queued)
+#   -> drain the inbox (cross-thread work) in a bounded batch: first, so work
+#      posted before an event happened runs before that event's callback
 #   -> dispatch each event: OUT first (connect completion, flush), then IN
 #      (read pending data even on HUP/ERR), then HUP/ERR for non-readers
-#   -> finish closes (on_close, then close(fd)) -> run due timers
-#   -> drain the inbox (cross-thread work) in a bounded batch.
+#   -> finish closes (on_close, then close(fd)) -> run due timers.
 # _dispatch is the only place user I/O callbacks are called; it catches
 # Exception, logs it with the handler's repr and closes that handler only.
 # KeyboardInterrupt and SystemExit pass through (the state stays consistent,
@@ -924,6 +952,7 @@ class _Poller:
         self._seq = 0
         self._inbox: collections.deque = collections.deque()
         self._wake_pending = False
+        self._inbox_closed = False         # set after the last drain at stop: posts are dropped
         self._tid: Optional[int] = None
         self._running = False
         self._stopping = False
@@ -941,13 +970,39 @@ class _Poller:
     # No lost wake-up (the Go original's bug): producers append, *then* test
     # the flag; the consumer clears the flag *before* it drains the inbox.  An
     # item appended after the clear sees the flag down and wakes us; one
-    # appended before it is drained by the pass that follows.
+    # appended before it is drained by the pass that follows.  The loop drains
+    # right after poll() returns, before it dispatches: work posted before an
+    # I/O event happened (an async_write, then a request the client sends
+    # after it) runs before that event's callback.  Once the poller has shut
+    # down, the producer that sees _inbox_closed drops what it appended (the
+    # same append-then-test order, so no item is left behind unaccounted).
 
     def _post(self, fn: Callable, *args: Any) -> None:
         self._inbox.append((fn, args))
         if not self._wake_pending:
             self._wake_pending = True
             self._waker.wake()
+        if self._inbox_closed:
+            self._drop_inbox()
+
+    @property
+    def wakeups(self) -> int:
+        """How many times the waker was written (posts in a burst share one)."""
+        return self._waker.writes
+
+    def _drop_inbox(self) -> None:
+        """Drop queued work that will never run (the poller has stopped); the bytes
+        of dropped async writes are counted in their handler's ``dropped_bytes``.
+        Any thread; the lock serializes the counting among dropping threads."""
+        inbox = self._inbox
+        with _DROP_LOCK:
+            while True:
+                try:
+                    fn, args = inbox.popleft()
+                except IndexError:
+                    return
+                if getattr(fn, "__func__", None) is IOHandle._write_posted:
+                    fn.__self__.dropped_bytes += len(args[0])
 
     def _drain_inbox(self) -> None:
         self._wake_pending = False
@@ -1107,6 +1162,8 @@ class _Poller:
         mono = _monotonic
         while not self._stopping:
             events = poll(self._timeout())
+            if self._inbox:                     # first: posted before these events happened
+                self._drain_inbox()             # (bounded; its closes finish after the batch)
             for fd, ev in events:
                 h = handlers.get(fd)
                 if h is None:                   # removed earlier in this batch
@@ -1138,10 +1195,6 @@ class _Poller:
                     self._run_timers(now)
                     if closing:
                         self._finish_closes()
-            if self._inbox:
-                self._drain_inbox()
-                if closing:
-                    self._finish_closes()
 
     def _close_all(self) -> None:
         """Shut down: every handler gets on_close once; every fd is closed."""
@@ -1161,12 +1214,21 @@ class _Poller:
                 else:
                     h._close_now()
         self._finish_closes()
+        # Work posted while the handlers closed (a registration, a connect, a
+        # write racing stop()) runs once more: _add refuses now, so such a
+        # handler is closed properly (on_close, fd closed) instead of leaking.
+        self._drain_inbox_for_stop()
+        self._finish_closes()
         for e in self._timers:
             e[2]._fn = e[2]._args = None
         self._timers.clear()
         self._backend.close()
         self._waker.close()
         self._handlers.clear()
+        # From here on producers drop what they post (see _post); what was
+        # posted since the drain above is dropped now, async writes counted.
+        self._inbox_closed = True
+        self._drop_inbox()
         self._finished.set()
 
     def _drain_inbox_for_stop(self) -> None:
@@ -1180,7 +1242,7 @@ class _Poller:
                     fn(*args)
                 except Exception:
                     _log.exception("exception in posted callback %s", _safe_repr(fn))
-        self._inbox.clear()
+        self._drop_inbox()
 
 
 # -- Trace mode ------------------------------------------------------------------
@@ -1337,6 +1399,8 @@ class _TracePoller(_Poller):
         handlers = self._handlers
         while not self._stopping:
             events = self._backend.poll(self._timeout())
+            if self._inbox:
+                self._drain_inbox()
             for fd, ev in events:
                 h = handlers.get(fd)
                 if h is None:
@@ -1375,10 +1439,6 @@ class _TracePoller(_Poller):
                 self._finish_closes()
             if self._timers and self._timers[0][0] <= _monotonic():
                 self._run_timers(_monotonic())
-                if self._closing:
-                    self._finish_closes()
-            if self._inbox:
-                self._drain_inbox()
                 if self._closing:
                     self._finish_closes()
         say("loop ends (stop requested)")
@@ -2234,6 +2294,10 @@ class _Supervisor:
                 raise
             self._hold = hold
             self.addr = hold.getsockname()[:2]
+        # Workers write one byte here once they listen; ready() waits for all of them.
+        self._ready_r, self._ready_w = os.pipe()
+        os.set_blocking(self._ready_r, False)
+        self._ready_count = 0
         self.children: dict = {}                  # pid -> (slot, start time)
         self.backoff = [_RESTART_BACKOFF_MIN] * workers
         self.restart_at: dict = {}                # slot -> monotonic time
@@ -2249,8 +2313,10 @@ class _Supervisor:
                     signal.signal(sig, signal.SIG_DFL)
                 if self._hold is not None:
                     self._hold.close()
+                os.close(self._ready_r)
                 code = _serve_here(self.addr, self.factory, self.pollers, self.backend,
-                                   self.drain_timeout, True, None, self.trace, self.setup, self.kw)
+                                   self.drain_timeout, True, lambda _: os.write(self._ready_w, b"r"),
+                                   self.trace, self.setup, self.kw)
             except BaseException:
                 _log.critical("worker %d crashed", os.getpid(), exc_info=True)
             finally:
@@ -2267,10 +2333,16 @@ class _Supervisor:
         try:
             for slot in range(self.workers):
                 self._spawn(slot)
-            if self.ready is not None:
-                self.ready(self.addr)
             while self.children or (not stopping and self.restart_at):
-                info = signal.sigtimedwait(sigs, 0.2)
+                waiting = self._ready_count < self.workers
+                info = signal.sigtimedwait(sigs, 0.02 if waiting else 0.2)
+                if waiting:
+                    try:
+                        self._ready_count += len(os.read(self._ready_r, 64))
+                    except BlockingIOError:
+                        pass
+                    if self._ready_count >= self.workers and self.ready is not None:
+                        self.ready(self.addr)
                 if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT) and not stopping:
                     stopping = True
                     kill_at = _monotonic() + self.drain_timeout + 5.0
@@ -2297,6 +2369,8 @@ class _Supervisor:
             signal.pthread_sigmask(signal.SIG_SETMASK, self._oldmask)
             if self._hold is not None:
                 self._hold.close()
+            os.close(self._ready_r)
+            os.close(self._ready_w)
         return 0
 
     def _reap(self, stopping: bool) -> None:

@@ -196,6 +196,7 @@ def echo_server(make_reactor, pollers=1, addr="127.0.0.1:0", factory=Echo, **kw)
 def run_py(args, **kw):
     """Run a Python child process with goev importable; returns CompletedProcess."""
     env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(kw.pop("env", {}))
     return subprocess.run([sys.executable] + args, cwd=HERE, env=env, capture_output=True,
                           text=True, timeout=kw.pop("timeout", 60), **kw)
 
