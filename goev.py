@@ -224,7 +224,10 @@ def _check_delay(name: str, value: Any) -> float:
         raise TypeError("%s must be a number, got %r" % (name, value))
     if value != value or value < 0:
         raise ValueError("%s must be >= 0 and not NaN, got %r" % (name, value))
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:                 # an int beyond float range: "never"
+        return math.inf
 
 
 def _safe_repr(obj: object) -> str:
@@ -1559,6 +1562,16 @@ class Reactor:
         h._user = h._user | events if add else h._user & ~events
         h._update()
 
+    def current_poller(self) -> Optional[_Poller]:
+        """The poller whose thread is calling (so ``.index``, ``.cache``), or None.
+        Lets an Acceptor's ``on_open`` keep a connection on the poller that
+        accepted it: ``add_handler(h, h.fd, EV_IN, poller=r.current_poller().index)``."""
+        me = _get_ident()
+        for p in self.pollers:
+            if p._tid == me and p._running:
+                return p
+        return None
+
     # -- cross-thread work -------------------------------------------------------------
 
     def post(self, fn: Callable, *args: Any) -> None:
@@ -1904,24 +1917,48 @@ class Acceptor(IOHandle):
 # to on_write, where SO_ERROR tells the reason.
 
 class _Connecting(IOHandle):
-    __slots__ = ("target", "addr")
+    __slots__ = ("target", "addr", "_ticket")
 
     def on_write(self) -> bool:
         err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if not err:
+            try:                          # writable without an error, yet not connected
+                self._sock.getpeername()  # (a bare hang-up under poll()): not a success
+            except OSError as e:
+                err = e.errno or errno.ENOTCONN
         if err:
             self._fail(_oserror(err, str(self.addr)))
         else:
             self._succeed()
         return True
 
-    def on_read(self) -> bool:          # HUP without OUT: the connect failed
-        err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED
-        self._fail(_oserror(err, str(self.addr)))
-        return True
-
     def on_timeout(self, now_ms: int) -> bool:
         self._fail(_oserror(errno.ETIMEDOUT, "connect to %s" % (self.addr,)))
         return False
+
+    def on_close(self) -> None:
+        # Closed by the poller before the connect settled: ERR/HUP without OUT
+        # (the dispatcher aborts a handler that does not read) or an exception.
+        # The target still gets its one on_connect_fail.
+        if self.target is None:
+            return
+        err = 0
+        if self._sock is not None:
+            try:
+                err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            except OSError:
+                pass
+        e = self.error if isinstance(self.error, OSError) and not err else None
+        self._fail(e or _oserror(err or errno.ECONNABORTED, str(self.addr)))
+
+    def _take(self) -> bool:
+        """True exactly once: the start of the connect is claimed either by the
+        poller (``_start``) or by ``connect()`` when that poller has shut down."""
+        try:
+            self._ticket.pop()            # list.pop is atomic: one winner
+            return True
+        except IndexError:
+            return False
 
     def _detach(self) -> socket.socket:
         """Leave the poller without closing the socket (it passes to the target)."""
@@ -1937,22 +1974,31 @@ class _Connecting(IOHandle):
         return sock
 
     def _succeed(self) -> None:
+        if self.poller._stopping:          # on_open could not register any more
+            self._fail(ConnectionAbortedError(errno.ECONNABORTED, "reactor stopped"))
+            return
         sock = self._detach()
-        h = self.target
+        h, self.target = self.target, None
         h._sock = sock
         h.fd = sock.fileno()
         h.peer = self.addr
         if sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:                # already reset: on_open's first I/O will say so
+                pass
         _open_handler(h)
 
     def _fail(self, err: OSError) -> None:
-        if self._state == _CLOSED:
+        h, self.target = self.target, None
+        if h is None:                      # already settled: exactly one outcome
             return
-        sock = self._detach()
-        sock.close()
+        if self._state != _CLOSED:
+            self._detach().close()
+        else:
+            self.destroy()
         self.fd = -1
-        h = self.target
+        h.fd = -1
         h.error = err
         try:
             h.on_connect_fail(err)

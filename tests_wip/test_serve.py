@@ -376,3 +376,73 @@ def test_trace_off_costs_nothing_per_event(make_reactor):
     finally:
         threading.setprofile(None)
     assert calls == []
+
+
+# -- examples/reuseport.py and examples/http_hello.py ------------------------------------
+
+def _need(tool):
+    import shutil
+    if shutil.which(tool):
+        return True
+    if os.environ.get("CI"):
+        pytest.fail("%s is not installed (CI installs it)" % tool)
+    pytest.skip("%s is not installed" % tool)
+
+
+def test_example_reuseport_counts(backend):
+    port = free_port()
+    p = spawn_py(["examples/reuseport.py", "127.0.0.1:%d" % port, "--pollers", "3"],
+                 env={"GOEV_BACKEND": backend})
+    wait_port(port)                     # the probe connection counts too
+    for _ in range(150):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+        c.request("GET", "/")
+        assert c.getresponse().read() == b"Hello, World!"
+        c.close()
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=WAIT)
+    assert p.returncode == 0, err
+    counts = [int(line.split()[3]) for line in out.splitlines() if line.startswith("poller")]
+    assert len(counts) == 3 and sum(counts) >= 150
+    # 150 connections hashed over 3 listeners: each gets some (P(one gets none) ~ 1e-26)
+    assert all(c > 0 for c in counts), counts
+
+
+@pytest.fixture
+def hello_server(backend):
+    port = free_port()
+    p = spawn_py(["examples/http_hello.py", "127.0.0.1:%d" % port, "--pollers", "2"],
+                 env={"GOEV_BACKEND": backend})
+    try:
+        wait_port(port)
+        yield port
+    finally:
+        assert stop_child(p) == 0
+
+
+def test_example_http_hello(hello_server):
+    port = hello_server
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+    for path in ("/", "/a", "/b"):
+        c.request("GET", path)
+        r = c.getresponse()
+        assert r.status == 200 and r.read() == b"Hello, World!" and r.getheader("Date")
+    c.request("POST", "/p", body=b"x" * 100000)
+    assert c.getresponse().read() == b"Hello, World!"
+    c.close()
+    req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert http_raw(port, req * 40, until=40).count(b"200 OK") == 40
+    assert http_raw(port, b"nonsense\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert http_raw(port, b"GET / HTTP/1.0\r\n\r\n").count(b"200 OK") == 1
+
+
+def test_example_http_hello_curl_and_wrk(hello_server):
+    _need("curl")
+    url = "http://127.0.0.1:%d/" % hello_server
+    r = subprocess.run(["curl", "-s", "--http1.1", url, url], capture_output=True, timeout=WAIT)
+    assert r.returncode == 0 and r.stdout == b"Hello, World!" * 2
+    _need("wrk")
+    r = subprocess.run(["wrk", "-t1", "-c10", "-d1s", url], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "Non-2xx" not in r.stdout and "Socket errors" not in r.stdout, r.stdout
+    assert int(r.stdout.split("requests in")[0].split()[-1]) > 0
