@@ -68,15 +68,18 @@ SCENARIOS = [
     dict(name="echo64_c1000", kind="echo", tool="loadgen", conns=1000, inflight=1, size=64,
          unit="msg", title="echo 64 B ping-pong, 1000 connections"),
     dict(name="echo64_inflight16", kind="echo", tool="loadgen", conns=50, inflight=16, size=64,
-         unit="msg", title="echo 64 B, 16 messages in flight per connection, 50 connections"),
+         unit="msg", title="echo 64 B, 16 messages in flight per connection, 50 connections",
+         short="echo 64 B, 16 in flight per connection, 50 conns"),
     dict(name="echo16k_c50", kind="echo", tool="loadgen", conns=50, inflight=1, size=16384,
          unit="msg", title="echo 16 KiB ping-pong, 50 connections"),
     dict(name="http_c50", kind="http", tool="wrk", conns=50, pipeline=0,
          unit="req", title="HTTP keep-alive, wrk -t1 -c50"),
     dict(name="http_pipeline16", kind="http", tool="wrk", conns=50, pipeline=16,
-         unit="req", title="HTTP pipelined, 16 requests per write, wrk -t1 -c50"),
+         unit="req", title="HTTP pipelined, 16 requests per write, wrk -t1 -c50",
+         short="HTTP pipelined, 16 per write, wrk -t1 -c50"),
     dict(name="accept", kind="echo", tool="connect", concurrency=16,
-         unit="conn", title="connections accepted per second (connect, 64 B echo, close; 16 at a time)"),
+         unit="conn", title="connections accepted per second (connect, 64 B echo, close; 16 at a time)",
+         short="connections accepted per second (16 at a time)"),
     dict(name="idle_1000", kind="echo", tool="idle", conns=1000,
          unit="conn", title="RSS per idle connection, 1000 connections"),
     dict(name="idle_10000", kind="echo", tool="idle", conns=10000,
@@ -607,7 +610,7 @@ def tables_markdown(summary, servers):
                 r = rows.get(srv)
                 if not r:
                     continue
-                kib = lambda v: "-" if v is None else "%.1f" % (v / 1024)
+                kib = lambda v: "-" if v is None else "%.2f" % (v / 1024)
                 lines.append("| %s | %s | %s–%s | %s |" % (
                     SERVER_TITLES[srv], kib(r["value"]), kib(r["lo"]), kib(r["hi"]),
                     fmt_ratio(g and g["value"], r["value"])))
@@ -655,7 +658,7 @@ def summary_matrix(summary, servers, key, title, fmt):
         if not rows or (key != "value" and sc["tool"] == "idle"):
             continue
         if key == "value" and sc["tool"] == "idle":
-            f = lambda v: "-" if v is None else "%.1f KiB" % (v / 1024)
+            f = lambda v: "-" if v is None else "%.2f KiB" % (v / 1024)
         else:
             f = fmt
         lines.append("| %s | " % sc["name"] + " | ".join(
@@ -707,21 +710,22 @@ def svg_chart(summary, servers, info):
         heights.append(40 + n * (bar_h + gap) + 10)
     row_h = [max(heights[i:i + cols]) for i in range(0, len(heights), cols)]
     W = cols * pw + 20
-    H = 70 + sum(row_h) + 30
+    H = 86 + sum(row_h) + 30
     out = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" viewBox="0 0 %d %d" '
            'font-family="Helvetica, Arial, sans-serif" font-size="11">' % (W, H, W, H),
            '<rect width="100%" height="100%" fill="white"/>',
            '<text x="10" y="22" font-size="16" font-weight="bold">goev.py vs asyncio, uvloop, threads and a bare epoll loop</text>',
-           '<text x="10" y="40" fill="#555">%s · %s CPUs · Linux %s · Python %s · server on CPU 0, load on CPU 1, 127.0.0.1 · '
-           'bar = median, whisker = min–max; label: user CPU µs per request</text>'
-           % (esc(info.get("cpu", "?"))[:40], info.get("nproc"), esc(info.get("kernel", "")), info.get("python"))]
+           '<text x="10" y="38" fill="#555">%s · %s CPUs · Linux %s · Python %s · server on CPU 0, load generator on CPU 1, 127.0.0.1</text>'
+           % (esc(info.get("cpu", "?"))[:40], info.get("nproc"), esc(info.get("kernel", "")), info.get("python")),
+           '<text x="10" y="54" fill="#555">bar = median of %s run(s), whisker = min–max; label: throughput · server user CPU µs per request '
+           '(the sharpest number: lower is better)</text>' % info.get("runs")]
     # legend
     x = 10
     for srv in servers:
-        out.append('<rect x="%d" y="50" width="10" height="10" fill="%s"/>' % (x, COLORS[srv]))
-        out.append('<text x="%d" y="59">%s</text>' % (x + 14, esc(SERVER_TITLES[srv])))
+        out.append('<rect x="%d" y="64" width="10" height="10" fill="%s"/>' % (x, COLORS[srv]))
+        out.append('<text x="%d" y="73">%s</text>' % (x + 14, esc(SERVER_TITLES[srv])))
         x += 20 + 7 * len(SERVER_TITLES[srv])
-    y0 = 70
+    y0 = 86
     for i, sc in enumerate(panels):
         r, c = divmod(i, cols)
         px, py = 10 + c * pw, y0 + sum(row_h[:r])
@@ -729,7 +733,7 @@ def svg_chart(summary, servers, info):
         idle = sc["tool"] == "idle"
         vmax = max((v["hi"] or v["value"] or 0) for v in rows.values()) or 1
         unit = "KiB/conn (lower is better)" if idle else "%s/s" % sc["unit"]
-        out.append('<text x="%d" y="%d" font-weight="bold">%s</text>' % (px, py + 14, esc(sc["title"][:72])))
+        out.append('<text x="%d" y="%d" font-weight="bold">%s</text>' % (px, py + 14, esc(sc.get("short", sc["title"]))))
         out.append('<text x="%d" y="%d" fill="#555">%s</text>' % (px, py + 28, esc(unit)))
         scale = (pw - label_w - right_pad) / vmax
         yy = py + 36
@@ -748,7 +752,7 @@ def svg_chart(summary, servers, info):
                 for xe in (x1, x2):
                     out.append('<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="#222" stroke-width="1"/>' % (xe, ym - 4, xe, ym + 4))
             if idle:
-                text = "-" if v["value"] is None else "%.1f KiB" % (v["value"] / 1024)
+                text = "-" if v["value"] is None else "%.2f KiB" % (v["value"] / 1024)
             else:
                 text = fmt_rate(v["value"])
                 if v.get("user_us") is not None:
@@ -905,7 +909,7 @@ def main(argv=None):
                         desc = "FAILED " + res["error"]
                     elif sc["tool"] == "idle":
                         desc = "%s KiB/conn (%d conns, opened in %.1f s)" % (
-                            "-" if res["bytes_per_conn"] is None else "%.1f" % (res["bytes_per_conn"] / 1024),
+                            "-" if res["bytes_per_conn"] is None else "%.2f" % (res["bytes_per_conn"] / 1024),
                             res["count"], res["open_secs"])
                     else:
                         desc = "%s %s/s, user %s µs, sys %s µs, server cpu %.0f%%, load cpu %.0f%%" % (
