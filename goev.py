@@ -67,9 +67,11 @@ import errno
 import itertools
 import logging
 import math
+import operator
 import os
 import select
 import selectors
+import signal
 import socket
 import stat
 import sys
@@ -110,6 +112,8 @@ DEFAULT_HIGH_WATER = 64 * 1024  # above this many queued bytes a handler stops r
 DEFAULT_LOW_WATER = 16 * 1024   # ... and resumes below this (asyncio's defaults)
 _ACCEPT_BATCH = 128             # accepts per readiness: bounded so one listener cannot starve I/O
 _ACCEPT_RETRY_MS = 100          # pause after EMFILE & co. before accepting again
+_THREAD_BLOCKED_SIGNALS = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT",
+                                                         "SIGUSR1", "SIGUSR2", "SIGCHLD") if hasattr(signal, n)}
 _INBOX_BATCH = 1024             # cross-thread items per loop pass: a flood cannot starve I/O
 _SENDMSG_MAX = 64               # queued buffers gathered into one sendmsg()
 _MAX_POLL_TIMEOUT = 86400.0     # epoll takes an int of ms: clamp far timers to a day
@@ -413,15 +417,22 @@ class _Waker:
 # =============================================================================
 # 5. The timer heap (4-ary) and Timer
 # =============================================================================
-# Every poller keeps its timers in a 4-ary min-heap of (deadline, seq, Timer)
-# tuples: tuple comparison runs in C, and the unique seq makes ties FIFO and
-# keeps Timer objects out of the comparison.  Why 4-ary: the tree is half as
-# deep as a binary heap, so a pop does half as many Python-level levels, each
-# one a single C call (min over 4 siblings); pushes of later deadlines (the
-# common case) stop at once.  Cancel is lazy -- the Timer forgets its callback
-# and the entry is skipped when it surfaces -- and the heap is compacted when
-# more than half of it is dead, so schedule/cancel churn cannot grow memory.
-# Deadlines are time.monotonic() seconds: wall-clock jumps cannot move them.
+# Every poller keeps its timers in a 4-ary min-heap.  An entry *is* the Timer:
+# a small list [deadline, seq, fn, args, poller, interval, ...] (the entry
+# pattern of the heapq docs), so list comparison runs in C, the unique seq
+# makes ties FIFO and keeps fn out of the comparison, and one object per timer
+# (not a Timer plus a tuple) halves the allocations the garbage collector
+# counts.  Why 4-ary: the tree is half as deep as a binary heap, so a pop does
+# half as many Python-level levels, each one a single C call (min over 4
+# siblings); pushes of later deadlines (the common case) stop at once.
+# Cancel is lazy -- the Timer forgets its callback and the entry is skipped
+# when it surfaces -- and the heap is compacted when more than half of it is
+# dead, so schedule/cancel churn cannot grow memory.  Deadlines are
+# time.monotonic() seconds: wall-clock jumps cannot move them.
+
+_WHEN = operator.itemgetter(0)      # sort keys of heap entries (see _Poller._run_timers)
+_SEQ = operator.itemgetter(1)
+
 
 def _heap_push(heap: list, item: tuple) -> None:
     heap.append(item)
@@ -478,36 +489,46 @@ def _heapify(heap: list) -> None:
         heap[j] = item
 
 
-class Timer:
+class Timer(list):
     """A scheduled call, returned by ``call_later``; ``cancel()`` from any thread.
 
     ``when`` is the monotonic deadline in seconds, ``interval`` the period in
     seconds (0 for one-shot).  A cancelled timer never runs, and it drops its
-    callback and arguments at once.
+    callback and arguments at once.  It is the heap entry itself, a list
+    ``[when, seq, fn, args, poller, interval]`` (periodic: ``+ [first, n]``,
+    deadline n being first + n * interval, computed, so no drift): treat it as
+    opaque.  It hashes by identity.
     """
-    __slots__ = ("when", "interval", "_fn", "_args", "_poller")
+    __slots__ = ()
+    __hash__ = object.__hash__
 
-    def __init__(self, when: float, interval: float, fn: Callable, args: tuple, poller: "_Poller") -> None:
-        self.when = when
-        self.interval = interval
-        self._fn = fn
-        self._args = args
-        self._poller = poller
+    when = property(_WHEN, doc="The monotonic deadline, seconds.")
+    interval = property(operator.itemgetter(5), doc="The period in seconds, 0 for one-shot.")
 
     def cancel(self) -> None:
-        """Cancel the timer; idempotent, safe from any thread and from callbacks."""
-        if self._fn is not None:
-            self._fn = self._args = None
-            self._poller._timers_dead += 1
+        """Cancel the timer; idempotent, safe from any thread and from callbacks.
+
+        On the poller thread the callback will not run after this returns.  From
+        another thread a callback the poller has already started (it is due right
+        now) may still be running; any later one will not start."""
+        if self[2] is not None:
+            self[2] = self[3] = None          # fn first: the poller reads args first
+            p = self[4]
+            # The dead-entry count belongs to the poller thread (compaction reads
+            # it); another thread posts its increment rather than race it.
+            if p._tid == _get_ident() or not p.reactor._started:
+                p._timers_dead += 1
+            else:
+                p._post(p._count_dead)
 
     @property
     def cancelled(self) -> bool:
         """True once cancelled or, for a one-shot timer, once it has run."""
-        return self._fn is None
+        return self[2] is None
 
     def __repr__(self) -> str:
-        state = "done" if self._fn is None else "in %.3fs" % (self.when - _monotonic())
-        every = " every %gs" % self.interval if self.interval else ""
+        state = "done" if self[2] is None else "in %.3fs" % (self[0] - _monotonic())
+        every = " every %gs" % self[5] if self[5] else ""
         return "<goev.Timer %s%s>" % (state, every)
 
 
@@ -900,13 +921,22 @@ class IOHandle:
         have = self._mask
         if want != have and self._state != _CLOSED:
             b = self.poller._backend
-            if not want:
-                b.unregister(self.fd)
-            elif not have:
-                b.register(self.fd, want)
-            else:
-                b.modify(self.fd, want)
+            # Publish the mask *before* the syscall: with epoll, add_handler may run
+            # on another thread (on_open on the acceptor's poller), and the owning
+            # poller can dispatch the fd the instant epoll_ctl returns.  Seeing the
+            # old mask 0 there, an IN|HUP|ERR event (data then RST) was taken for
+            # "not reading" and aborted, losing the bytes that came before the RST.
             self._mask = want
+            try:
+                if not want:
+                    b.unregister(self.fd)
+                elif not have:
+                    b.register(self.fd, want)
+                else:
+                    b.modify(self.fd, want)
+            except BaseException:
+                self._mask = have
+                raise
 
     def __repr__(self) -> str:
         state = ("open", "closing", "closed")[self._state]
@@ -973,12 +1003,17 @@ class _Poller:
     # No lost wake-up (the Go original's bug): producers append, *then* test
     # the flag; the consumer clears the flag *before* it drains the inbox.  An
     # item appended after the clear sees the flag down and wakes us; one
-    # appended before it is drained by the pass that follows.  The loop drains
-    # right after poll() returns, before it dispatches: work posted before an
-    # I/O event happened (an async_write, then a request the client sends
-    # after it) runs before that event's callback.  Once the poller has shut
-    # down, the producer that sees _inbox_closed drops what it appended (the
-    # same append-then-test order, so no item is left behind unaccounted).
+    # appended before it is drained by the pass that follows.  The flag is
+    # also cleared right after every read of the waker, because the invariant
+    # is "no waker read between the last clear and a blocking poll()": with
+    # clear -> a producer's wake -> a read that eats it -> poll(), the flag
+    # would stay up with nothing to wake us, and every later post would skip
+    # the waker and sleep in the inbox.
+    # The loop drains right after poll() returns, before it dispatches: work
+    # posted before an I/O event happened (an async_write, then a request the
+    # client sends after it) runs before that event's callback.  Once the
+    # poller has shut down, the producer that sees _inbox_closed drops what it
+    # appended (the same append-then-test order: no item is left unaccounted).
 
     def _post(self, fn: Callable, *args: Any) -> None:
         self._inbox.append((fn, args))
@@ -1018,83 +1053,196 @@ class _Poller:
                 _log.exception("exception in posted callback %s", _safe_repr(fn))
 
     # -- timers -------------------------------------------------------------------
+    # The heap belongs to the poller thread.  Other threads post their pushes
+    # (and the bookkeeping of their cancels) through the inbox; before the
+    # reactor has started no loop runs, so any thread may push directly.
 
     def _call_at(self, when: float, interval: float, fn: Callable, args: tuple) -> Timer:
-        t = Timer(when, interval, fn, args, self)
-        if self._tid == _get_ident() or not self._running:
+        """A Timer for ``fn(*args)`` at monotonic ``when``, then every ``interval``
+        seconds if non-zero (until fn returns False); any thread."""
+        if interval:                           # periodic: first deadline and period count
+            t = Timer((when, 0, fn, args, self, interval, when, 0))
+        else:
+            t = Timer((when, 0, fn, args, self, 0.0))
+        # Not `self._running`: that is set by the poller thread once it starts,
+        # so testing it right after start() would race the first poll().
+        if self._tid == _get_ident() or not self.reactor._started:
             self._push_timer(t)
         else:
             self._post(self._push_timer, t)
         return t
 
     def _push_timer(self, t: Timer) -> None:
-        if t._fn is None:                      # cancelled before it reached the heap
-            self._timers_dead -= 1
-        else:
-            self._seq += 1
-            _heap_push(self._timers, (t.when, self._seq, t))
+        # Pushed even if cancelled on its way here: its cancel() counted it as a
+        # dead entry, and the entry leaves like any other dead one.
+        self._seq += 1
+        t[1] = self._seq
+        _heap_push(self._timers, t)
+
+    def _count_dead(self) -> None:
+        """Posted by Timer.cancel() from another thread."""
+        self._timers_dead += 1
 
     def call_later(self, delay_s: float, fn: Callable, *args: Any) -> Timer:
-        """Run ``fn(*args)`` on this poller's thread after ``delay_s`` seconds; any thread."""
-        delay = _check_delay("delay_s", delay_s)
+        """Run ``fn(*args)`` on this poller's thread after ``delay_s`` seconds (>= 0;
+        inf: never); any thread.  Returns a Timer.  ValueError/TypeError name a bad
+        delay or a non-callable."""
+        # The hot path (bench/timers.py): a plain float skips the full check (NaN
+        # fails `>=` and takes it) and the heap push is inlined.  Same steps as
+        # _call_at + _push_timer.
+        if type(delay_s) is not float or not delay_s >= 0.0:
+            delay_s = _check_delay("delay_s", delay_s)
         if not callable(fn):
             raise TypeError("fn must be callable, got %r" % (fn,))
-        return self._call_at(_monotonic() + delay, 0.0, fn, args)
+        if self._tid != _get_ident() and self.reactor._started:
+            t = Timer((_monotonic() + delay_s, 0, fn, args, self, 0.0))
+            self._post(self._push_timer, t)
+            return t
+        self._seq = seq = self._seq + 1
+        item = t = Timer((_monotonic() + delay_s, seq, fn, args, self, 0.0))
+        heap = self._timers
+        heap.append(item)
+        i = len(heap) - 1
+        while i:
+            parent = heap[(i - 1) >> 2]
+            if item < parent:
+                heap[i] = parent
+                i = (i - 1) >> 2
+            else:
+                break
+        heap[i] = item
+        return t
 
     def _run_timers(self, now: float) -> None:
+        """Run the timers due at ``now`` (poller thread).  Every due entry is
+        collected before any callback runs, so a timer scheduled by a callback
+        (even with delay 0) waits for the next pass, and one cancelled by an
+        earlier callback of this pass does not run."""
         heap = self._timers
         due = []
-        while heap and heap[0][0] <= now:      # collect every due timer before any fires
-            t = _heap_pop(heap)[2]
-            if t._fn is None:
-                self._timers_dead -= 1
-            else:
-                due.append(t)
-        self.now_ms = int(now * 1000)
-        for t in due:
-            fn = t._fn
-            if fn is None:                     # cancelled by a timer that fired before it
-                self._timers_dead -= 1
-                continue
-            args = t._args
-            if not t.interval:
-                t._fn = t._args = None         # release the callback before running it
-            try:
-                keep = fn(*args)
-            except Exception:
-                _log.exception("exception in timer callback %s", _safe_repr(fn))
-                keep = False
-            if t.interval:
-                if t._fn is None:              # cancelled by its own callback (out of the heap)
+        pops = 0
+        while heap and heap[0][0] <= now:
+            pops += 1
+            if not pops & 31 and self._burst(now, pops):
+                # Many due at once: split the heap in two (list comprehensions),
+                # sort the due part (C timsort: by seq, then stably by deadline,
+                # which is (deadline, seq) order) and re-heapify the rest.
+                split = [e for e in heap if e[0] <= now]
+                heap[:] = [e for e in heap if e[0] > now]
+                _heapify(heap)
+                split.sort(key=_SEQ)
+                split.sort(key=_WHEN)
+                due += split
+                break
+            due.append(_heap_pop(heap))
+        self.now_ms = int(now * 1000)          # (the loop set it already; the trace loop does not)
+        it = iter(due)
+        t = None
+        try:
+            for t in it:
+                args = t[3]                    # args first: cancel() clears fn first
+                fn = t[2]
+                if fn is None:                 # cancelled (perhaps by an earlier timer)
                     self._timers_dead -= 1
                     continue
-                if keep is False:
-                    t._fn = t._args = None
+                if not t[5]:
+                    t[2] = t[3] = None         # one-shot: release the callback before running it
+                    try:
+                        fn(*args)
+                    except Exception:
+                        _log.exception("exception in timer callback %s", _safe_repr(fn))
                     continue
-                nxt = t.when + t.interval      # keep the period: no drift ...
-                if nxt <= now:                 # ... and after a stall, skip, don't burst
-                    nxt += math.floor((now - nxt) / t.interval + 1) * t.interval
-                t.when = nxt
-                self._seq += 1
-                _heap_push(heap, (nxt, self._seq, t))
-        if self._timers_dead > _COMPACT_MIN and self._timers_dead * 2 > len(heap):
-            heap[:] = [e for e in heap if e[2]._fn is not None]
-            _heapify(heap)
-            self._timers_dead = 0
+                try:
+                    keep = fn(*args)
+                except Exception:
+                    _log.exception("exception in timer callback %s", _safe_repr(fn))
+                    keep = False
+                self._rearm(t, now, keep)
+        except BaseException:
+            # KeyboardInterrupt/SystemExit from a callback: keep the periodic timer
+            # that raised, put back the due ones that have not run yet, so that
+            # run() can resume with no timer lost.
+            if t is not None and t[5]:
+                self._rearm(t, now, True)
+            for e in it:
+                _heap_push(heap, e)
+            raise
+
+    def _burst(self, now: float, pops: int) -> bool:
+        """Checked every 32 pops while due timers remain: is splitting the heap
+        (O(n) at C-ish speed, then a Python heapify of the rest) now cheaper than
+        popping on (O(log n) Python steps each)?  Yes when a sample of the heap
+        says over 1/16 of it is due (the sample undercounts: due entries sit
+        near the top), and in any case once the pops made cost about as much as
+        a split (ski rental: at worst about twice the better choice)."""
+        heap = self._timers
+        n = len(heap)
+        if pops * 16 >= n:
+            return True
+        step = n >> 6
+        if step < 2:                           # a small heap: popping is cheap enough
+            return False
+        sample = heap[::step]
+        return sum([e[0] <= now for e in sample]) * 16 >= len(sample)
+
+    def _rearm(self, t: Timer, now: float, keep: Any) -> None:
+        """Re-schedule periodic ``t`` after it ran, unless it was cancelled or
+        returned False.  Deadlines stay on the grid first + k * interval (computed,
+        not accumulated: no drift); after a stall the missed periods are skipped,
+        not fired in a burst."""
+        if t[2] is None:                       # cancelled by its own callback (out of the heap)
+            self._timers_dead -= 1
+            return
+        if keep is False:
+            t[2] = t[3] = None
+            return
+        cur = _monotonic()                     # the pass's clock may be stale: earlier
+        if cur > now:                          # callbacks of this pass may have run long
+            now = cur
+        iv = t[5]
+        first = t[6]
+        k = t[7] + 1
+        nxt = first + k * iv
+        if nxt <= now:                         # a stall: jump to the first deadline after now
+            k = int((now - first) // iv) + 1
+            nxt = first + k * iv
+            if nxt <= now:                     # float rounding at the boundary
+                k += 1
+                nxt = first + k * iv
+        self._seq += 1
+        t[0], t[1], t[7] = nxt, self._seq, k
+        _heap_push(self._timers, t)
+
+    def _compact(self) -> None:
+        """Drop the cancelled entries: O(n), paid for by the n/2 cancels since the
+        last compaction, so schedule/cancel churn cannot grow memory."""
+        heap = self._timers
+        heap[:] = [t for t in heap if t[2] is not None]
+        _heapify(heap)
+        self._timers_dead = 0
 
     def _timeout(self) -> float:
-        """Seconds until the next live timer, 0 if work is queued, -1 for none."""
+        """Seconds until the next live timer, 0 if work is queued, -1 for none.
+        Once per pass, on the poller thread: also where the heap is compacted."""
+        heap = self._timers
+        dead = self._timers_dead
+        if dead > _COMPACT_MIN and dead * 2 > len(heap):
+            self._compact()
         if self._inbox or self._closing:
             return 0.0
-        heap = self._timers
-        while heap and heap[0][2]._fn is None:   # cancelled heads must not wake us
+        while heap and heap[0][2] is None:       # cancelled heads must not wake us
             _heap_pop(heap)
             self._timers_dead -= 1
         if not heap:
             return -1.0
-        # epoll/select round a float timeout *up* to their resolution, and a
-        # timer runs only once its deadline has passed, so none fires early.
-        delay = heap[0][0] - _monotonic()
+        when = heap[0][0]
+        if when == math.inf:                     # call_later(inf): never, so sleep until woken
+            return -1.0
+        # epoll/select round a float timeout *up* to their resolution (epoll:
+        # ceiling ms; PollSelector: math.ceil(timeout * 1e3)), and a timer runs
+        # only once its deadline has passed, so none fires early.  A far deadline
+        # is clamped (epoll takes an int of ms): the loop wakes once a day.
+        delay = when - _monotonic()
         return 0.0 if delay <= 0 else min(delay, _MAX_POLL_TIMEOUT)
 
     # -- handlers -------------------------------------------------------------------
@@ -1163,8 +1311,11 @@ class _Poller:
         closing = self._closing
         waker_fd = self._waker.fd
         mono = _monotonic
+        timers = self._timers
         while not self._stopping:
             events = poll(self._timeout())
+            now = mono()                        # the pass's clock: now_ms, and which timers are due
+            self.now_ms = int(now * 1000)
             if self._inbox:                     # first: posted before these events happened
                 self._drain_inbox()             # (bounded; its closes finish after the batch)
             for fd, ev in events:
@@ -1172,6 +1323,7 @@ class _Poller:
                 if h is None:                   # removed earlier in this batch
                     if fd == waker_fd:
                         self._waker.drain()
+                        self._wake_pending = False   # after the drain: see "No lost wake-up"
                     continue
                 try:
                     if ev & EV_OUT:
@@ -1192,12 +1344,10 @@ class _Poller:
                     self._fault(h, "callback")
             if closing:
                 self._finish_closes()
-            if self._timers:
-                now = mono()
-                if self._timers[0][0] <= now:
-                    self._run_timers(now)
-                    if closing:
-                        self._finish_closes()
+            if timers and timers[0][0] <= now:  # due during this pass: the next (timeout 0)
+                self._run_timers(now)
+                if closing:
+                    self._finish_closes()
 
     def _close_all(self) -> None:
         """Shut down: every handler gets on_close once; every fd is closed."""
@@ -1222,9 +1372,10 @@ class _Poller:
         # handler is closed properly (on_close, fd closed) instead of leaking.
         self._drain_inbox_for_stop()
         self._finish_closes()
-        for e in self._timers:
-            e[2]._fn = e[2]._args = None
+        for t in self._timers:
+            t[2] = t[3] = None
         self._timers.clear()
+        self._timers_dead = 0
         self._backend.close()
         self._waker.close()
         self._handlers.clear()
@@ -1388,7 +1539,7 @@ class _TracePoller(_Poller):
         super()._drain_inbox()
 
     def _run_timers(self, now: float) -> None:
-        due = sum(1 for e in self._timers if e[0] <= now and e[2]._fn is not None)
+        due = sum(1 for t in self._timers if t[0] <= now and t[2] is not None)
         self._say("timers: %d due" % due)
         super()._run_timers(now)
 
@@ -1410,6 +1561,7 @@ class _TracePoller(_Poller):
                     if fd == self._waker.fd:
                         say("fd %d: waker readable (drained)" % fd)
                         self._waker.drain()
+                        self._wake_pending = False
                     else:
                         say("fd %d: no handler any more (closed earlier in this batch): dropped" % fd)
                     continue
@@ -1592,6 +1744,7 @@ class Reactor:
 
     def sync_cache(self, key: Any, value: Any) -> None:
         """Set ``cache[key] = value`` on every poller, each on its own thread; any thread."""
+        hash(key)               # an unhashable key fails here, at the call, not on a poller
         for p in self.pollers:
             p._post(p.cache.__setitem__, key, value)
 
@@ -1617,6 +1770,11 @@ class Reactor:
             t.start()
 
     def _thread_main(self, p: _Poller) -> None:
+        # Process-directed signals go to any thread that does not block them;
+        # Python runs handlers on the main thread only, so a SIGTERM landing
+        # here would not interrupt the main thread's epoll_wait.  Block them.
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, _THREAD_BLOCKED_SIGNALS)
         try:
             p._run()
         except BaseException:
@@ -1914,7 +2072,11 @@ class Acceptor(IOHandle):
 # on_connect_fail(err) follows, on that poller's thread: writable + SO_ERROR
 # == 0 is success; a SO_ERROR, a hang-up or the timer is failure.  A refused
 # connect reports IN|OUT|ERR|HUP at once, which the OUT-first dispatch routes
-# to on_write, where SO_ERROR tells the reason.
+# to on_write, where SO_ERROR tells the reason; ERR/HUP without OUT (or an
+# exception) closes the _Connecting, and its on_close reports the failure.
+# The outcome is always delivered from the poller's inbox or loop, never from
+# inside connect(), even when connect_ex() already knew it.  The target's
+# fd >= 0 marks it "connecting", so it cannot be connected twice at once.
 
 class _Connecting(IOHandle):
     __slots__ = ("target", "addr", "_ticket")
@@ -2028,15 +2190,19 @@ class Connector:
         here, in the calling thread, which may block).  Any thread.
 
         Exactly one of ``handler.on_open()`` or ``handler.on_connect_fail(err)``
-        follows on the poller thread; ``err`` is ConnectionRefusedError,
-        TimeoutError (after ``timeout_ms``; 0 means no timeout), an unreachable
-        error or another OSError.  Raises ValueError/TypeError at the call for a
-        malformed address, a negative timeout or a handler already in use.
+        follows on the poller thread, always after connect() has returned (even
+        when the outcome is known at once, e.g. a unix path that does not exist:
+        FileNotFoundError); ``err`` is ConnectionRefusedError, TimeoutError (after
+        ``timeout_ms``; 0 means no timeout), an unreachable error, another OSError,
+        or ConnectionAbortedError if the reactor stops first.  Raises
+        ValueError/TypeError at the call for a malformed address, a negative
+        timeout or a handler already open or connecting; RuntimeError once the
+        reactor is stopped.  A handler whose connect failed may be connected again.
         """
         if not isinstance(handler, IOHandle):
             raise TypeError("handler must be an IOHandle, got %r" % (handler,))
-        if handler._sock is not None or handler.poller is not None:
-            raise ValueError("%s is already open or registered" % _safe_repr(handler))
+        if handler._sock is not None or handler.poller is not None or handler.fd >= 0:
+            raise ValueError("%s is already open, connecting or registered" % _safe_repr(handler))
         timeout = _check_delay("timeout_ms", timeout_ms)
         if self.reactor._stopped:
             raise RuntimeError("reactor is stopped")
@@ -2056,20 +2222,34 @@ class Connector:
         c.target = handler
         c.addr = addr if isinstance(addr, str) else sockaddr
         c._sock = sock
-        c.fd = sock.fileno()
+        c.fd = handler.fd = sock.fileno()     # handler.fd >= 0 marks it "connecting"
+        c._ticket = [True]
         handler.reactor = self.reactor
+        handler.error = None                  # from a failed attempt: _add would abort on it
         p = self.reactor._poller_for(c.fd)
-        p._post(self._start, c, err, timeout) if p._tid != _get_ident() else self._start(c, err, timeout)
+        # Always posted, even from p's own thread: on_open/on_connect_fail must
+        # never run inside connect() (the caller's state may be half updated).
+        p._post(self._start, c, err, timeout)
+        if p._done and c._take():             # p shut down: nobody will run _start
+            handler.fd = -1
+            sock.close()
+            raise RuntimeError("reactor is stopped")
 
     @staticmethod
     def _start(c: _Connecting, err: int, timeout: float) -> None:
+        if not c._take():
+            return
         p = c.target.reactor._poller_for(c.fd)
         c.reactor = c.target.reactor
         c.poller = p
         c._state = _OPEN
-        if err == 0:                      # immediate success (common on unix sockets)
+        if p._stopping:
+            c._fail(ConnectionAbortedError(errno.ECONNABORTED, "reactor stopped"))
+        elif err == 0:                    # immediate success (common on unix sockets)
             c._succeed()
-        elif err in (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
+        elif err == errno.EINPROGRESS or err == getattr(errno, "WSAEWOULDBLOCK", -1):
+            # (EAGAIN is *not* in progress: on a unix socket it means the backlog
+            # is full and nothing was started; on TCP, no route cache entries.)
             try:
                 p._add(c, c.fd, EV_OUT)
             except Exception as e:
@@ -2089,6 +2269,11 @@ class Connector:
 # bookkeeping runs on one poller thread (a periodic timer plus posted work);
 # acquire()/release() may be called from any thread and only touch a deque.
 # A connection that closes leaves the pool (its _owner hook tells us).
+# In-flight connects are a *set* (``_pending``), not a counter: a member can
+# leave by "opened", "failed" or -- when its on_open refuses -- "closed"
+# alone, and a counter that missed that last case would wedge the refill.
+# While connects fail (server down), only the timer retries: acquire() does
+# not, so a tight acquire loop cannot turn into a connect storm.
 
 class ConnectPool:
     """A self-refilling pool of connections made by ``connector`` to ``addr``.
@@ -2097,7 +2282,9 @@ class ConnectPool:
     register it, as the default does).  ``acquire()`` returns an open idle
     handler or None (and triggers a refill); ``release(h)`` gives it back.
     Maintenance runs every ``keep_interval_ms`` on poller 0 of the connector's
-    reactor.  ``close()`` closes every connection and stops maintenance.
+    reactor.  ``close()`` closes every connection and stops maintenance (a
+    connect still in flight is closed as soon as it opens).  A host name in
+    ``addr`` is resolved on each connect, on poller 0: prefer a numeric address.
     """
 
     def __init__(self, connector: Connector, addr: Union[str, tuple], factory: Callable[[], IOHandle],
@@ -2124,7 +2311,8 @@ class ConnectPool:
         self.connect_timeout_ms = connect_timeout_ms
         self._idle: collections.deque = collections.deque()
         self._members: set = set()                # every live or connecting handler
-        self._connecting = 0
+        self._pending: set = set()                # members whose connect is in flight
+        self._failing = False                     # the last connect failed: timer-only retries
         self._closed = False
         self._poller = connector.reactor.pollers[0]
         self._timer = self._poller._call_at(_monotonic(), ki / 1000.0, self._keep, ())
@@ -2141,7 +2329,11 @@ class ConnectPool:
     @property
     def live(self) -> int:
         """Open connections owned by the pool (idle or acquired)."""
-        return len(self._members) - self._connecting
+        return len(self._members) - len(self._pending)
+
+    @property
+    def _connecting(self) -> int:
+        return len(self._pending)
 
     def acquire(self) -> Optional[IOHandle]:
         """An open idle handler, or None (a refill is then triggered).  Any thread."""
@@ -2150,23 +2342,26 @@ class ConnectPool:
                 h = self._idle.popleft()
             except IndexError:
                 break
-            if not h.closed:
-                if len(self._idle) < self.min_idle:
+            if not h.closed:                      # a closed one is dropped (it left _members)
+                if len(self._idle) < self.min_idle and not self._failing:
                     self._poller._post(self._keep)
                 return h
-        if not self._closed:
+        if not self._closed and not self._failing:
             self._poller._post(self._keep)
         return None
 
     def release(self, h: IOHandle) -> None:
-        """Give ``h`` back; a closed one is dropped.  Raises ValueError for a handler
-        that is not this pool's.  Any thread."""
+        """Give ``h`` back; a closed one is dropped (and after ``close()`` it is
+        closed).  Raises ValueError for a handler that is not this pool's or is
+        already idle.  Any thread."""
         if getattr(h, "_owner", None) is not self:
             raise ValueError("%s does not belong to %r" % (_safe_repr(h), self))
         if self._closed or h.closed:
             if self._closed:
                 h.close()
             return
+        if h in self._idle:
+            raise ValueError("%s is already released to %r" % (_safe_repr(h), self))
         self._idle.append(h)
 
     def close(self) -> None:
@@ -2177,7 +2372,11 @@ class ConnectPool:
         self._timer.cancel()
         self._idle.clear()
         for h in list(self._members):
-            h.close()
+            # Only open ones: closing a handler whose connect is in flight would
+            # run its on_close before any on_open, and the socket that connects
+            # later would be orphaned.  Those are closed on "opened" instead.
+            if h.poller is not None:
+                h.close()
 
     def _keep(self) -> bool:
         """Top the pool up (poller 0's thread)."""
@@ -2185,26 +2384,37 @@ class ConnectPool:
             return False
         live = self.live
         idle = len(self._idle)
-        if idle < self.min_idle and not self._connecting:
+        pending = len(self._pending)
+        if idle < self.min_idle and not pending:
             n = self.min_idle if live == 0 else self.add_step
-            n = min(n, self.max_live - live - self._connecting)
-            for _ in range(max(0, n)):
-                self._connect_one()
+            for _ in range(min(n, self.max_live - live)):
+                if not self._connect_one():
+                    break
         return True
 
-    def _connect_one(self) -> None:
-        h = self.factory()
-        if not isinstance(h, IOHandle):
-            raise TypeError("pool factory returned %r, not an IOHandle" % (h,))
+    def _connect_one(self) -> bool:
+        try:
+            h = self.factory()
+            if not isinstance(h, IOHandle):
+                raise TypeError("pool factory returned %r, not an IOHandle" % (h,))
+        except Exception:                         # must not kill the maintenance timer
+            _log.exception("%r: handler factory failed", self)
+            return False
         h._owner = self
         self._members.add(h)
-        self._connecting += 1
+        self._pending.add(h)
         try:
             self.connector.connect(self.addr, h, self.connect_timeout_ms)
-        except Exception:
-            self._connecting -= 1
+        except Exception as e:
+            self._pending.discard(h)
             self._members.discard(h)
-            _log.exception("%r: connect failed", self)
+            self._failing = True
+            if isinstance(e, OSError):            # e.g. a host name that stopped resolving
+                _log.error("%r: cannot connect: %s", self, e)
+            else:
+                _log.exception("%r: connect failed", self)
+            return False
+        return True
 
     def _handler_event(self, h: IOHandle, what: str) -> None:
         """A member opened, failed to connect or closed (any thread: the
@@ -2212,15 +2422,16 @@ class ConnectPool:
         if self._poller._tid != _get_ident() and self._poller._running:
             self._poller._post(self._handler_event, h, what)
             return
+        self._pending.discard(h)
         if what == "opened":
-            self._connecting -= 1
+            self._failing = False
             if self._closed:
                 h.close()
-            elif not h.closed:
+            elif not h.closed and h in self._members:     # not closed already ("closed" came first)
                 self._idle.append(h)
             return
         if what == "failed":
-            self._connecting -= 1
+            self._failing = True
         self._members.discard(h)
         try:
             self._idle.remove(h)
@@ -2262,7 +2473,6 @@ def _listen(reactor: Reactor, addr: Any, factory: Callable[[], IOHandle], reuse_
 def _serve_here(addr: Any, factory: Callable[[], IOHandle], pollers: int, backend: str,
                 drain_timeout: float, reuse_port: bool, ready: Optional[Callable], trace: Optional[bool],
                 setup: Optional[Callable], kw: dict) -> int:
-    import signal
     reactor = Reactor(pollers, backend=backend, trace=trace)
     try:
         acceptors = _listen(reactor, addr, factory, reuse_port, **kw)
@@ -2349,7 +2559,6 @@ class _Supervisor:
         self.restart_at: dict = {}                # slot -> monotonic time
 
     def _spawn(self, slot: int) -> None:
-        import signal
         pid = os.fork()
         if pid == 0:                                              # the worker
             code = 1
@@ -2371,7 +2580,6 @@ class _Supervisor:
         self.children[pid] = (slot, _monotonic())
 
     def run(self) -> int:
-        import signal
         sigs = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
         self._oldmask = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
         stopping = False
