@@ -220,6 +220,28 @@ def cpu_times(pids):
     return u / TCK, s / TCK
 
 
+def cpu_busy():
+    """Busy seconds of every CPU (all but idle and iowait), from /proc/stat."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                parts = line.split()
+                v = [int(x) for x in parts[1:9]]  # user nice system idle iowait irq softirq steal
+                out[int(parts[0][3:])] = (sum(v) - v[3] - v[4]) / TCK
+    return out
+
+
+def foreign_load(b0, b1, cfg, server_cpu_s, load_cpu_s, secs):
+    """Share of CPU 0 / CPU 1 used by anything but the server / load generator in the window."""
+    res = {}
+    for key, cpu, own in (("other_cpu0", cfg["server_cpu"], server_cpu_s), ("other_cpu1", cfg["load_cpu"], load_cpu_s)):
+        if cpu is None or cpu not in b0 or cpu not in b1 or not secs or own is None:
+            continue
+        res[key] = max(0.0, (b1[cpu] - b0[cpu] - own) / secs)
+    return res
+
+
 def rss_bytes(pids):
     total = 0
     for p in pids:
@@ -418,8 +440,10 @@ def measure_loadgen(srv, sc, dur, cfg):
             raise RuntimeError("loadgen: %r %s" % (line, p.stderr.read().decode()[-500:] if p.poll() is not None else ""))
         pids = srv.pids()
         u0, s0 = cpu_times(pids)
+        b0 = cpu_busy()
         line = rd.readline(dur + 60)
         u1, s1 = cpu_times(pids)
+        b1 = cpu_busy()
         if not line.startswith("END"):
             raise RuntimeError("loadgen: no END line (%r)" % line)
         p.wait(30)
@@ -434,6 +458,7 @@ def measure_loadgen(srv, sc, dur, cfg):
                cpu_util=((u1 - u0) + (s1 - s0)) / kv["elapsed"] if kv["elapsed"] else None,
                load_util=kv["cpu"] / kv["elapsed"] if kv.get("cpu") is not None and kv["elapsed"] else None,
                errors=int(kv.get("errors", 0)))
+    res.update(foreign_load(b0, b1, cfg, (u1 - u0) + (s1 - s0), kv.get("cpu"), kv["elapsed"]))
     if err:
         res["stderr"] = err[-300:]
     return res
@@ -452,6 +477,7 @@ def measure_wrk(srv, sc, dur, cfg):
     pids = srv.pids()
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk is the only child reaped in the window
     u0, s0 = cpu_times(pids)
+    b0 = cpu_busy()
     p = spawn(cmd, cfg["load_cpu"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
               stderr=subprocess.STDOUT, universal_newlines=True)
     try:
@@ -459,6 +485,7 @@ def measure_wrk(srv, sc, dur, cfg):
     finally:
         reap(p, timeout=5, sig=signal.SIGKILL)
     u1, s1 = cpu_times(pids)
+    b1 = cpu_busy()
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     wrk_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     m = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
@@ -473,12 +500,14 @@ def measure_wrk(srv, sc, dur, cfg):
     m3 = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if m3:
         errors += sum(int(x) for x in m3.groups())
-    return dict(count=n, rate=n / secs if secs else 0.0,
-                user_us=(u1 - u0) * 1e6 / n if n else None,
-                sys_us=(s1 - s0) * 1e6 / n if n else None,
-                cpu_util=((u1 - u0) + (s1 - s0)) / secs if secs else None,
-                load_util=wrk_cpu / secs if secs else None,
-                errors=errors)
+    res = dict(count=n, rate=n / secs if secs else 0.0,
+               user_us=(u1 - u0) * 1e6 / n if n else None,
+               sys_us=(s1 - s0) * 1e6 / n if n else None,
+               cpu_util=((u1 - u0) + (s1 - s0)) / secs if secs else None,
+               load_util=wrk_cpu / secs if secs else None,
+               errors=errors)
+    res.update(foreign_load(b0, b1, cfg, (u1 - u0) + (s1 - s0), wrk_cpu, secs))
+    return res
 
 
 def measure_idle(srv, sc, dur, cfg):
@@ -587,7 +616,9 @@ def summarize(results, servers):
                            user_us=med([r.get("user_us") for r in runs]),
                            sys_us=med([r.get("sys_us") for r in runs]),
                            cpu_util=med([r.get("cpu_util") for r in runs]),
-                           load_util=med([r.get("load_util") for r in runs]))
+                           load_util=med([r.get("load_util") for r in runs]),
+                           other_cpu0=med([r.get("other_cpu0") for r in runs]),
+                           other_cpu1=med([r.get("other_cpu1") for r in runs]))
             rows[srv] = row
         if rows:
             out[sc["name"]] = rows
@@ -616,18 +647,19 @@ def tables_markdown(summary, servers):
                     fmt_ratio(g and g["value"], r["value"])))
         else:
             u = sc["unit"]
-            lines.append("| server | %s/s (median) | min–max | user µs/%s | sys µs/%s | server CPU | load CPU | goev ÷ this, %s/s | goev ÷ this, user µs |"
+            lines.append("| server | %s/s (median) | min–max | user µs/%s | sys µs/%s | server CPU | load CPU | other load CPU 0 / 1 | goev ÷ this, %s/s | goev ÷ this, user µs |"
                          % (u, u, u, u))
-            lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+            lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
             for srv in servers:
                 r = rows.get(srv)
                 if not r:
                     continue
                 pct = lambda v: "-" if v is None else "%.0f%%" % (100 * v)
-                lines.append("| %s | %s | %s–%s | %s | %s | %s | %s | %s | %s |" % (
+                lines.append("| %s | %s | %s–%s | %s | %s | %s | %s | %s / %s | %s | %s |" % (
                     SERVER_TITLES[srv], fmt_rate(r["value"]), fmt_rate(r["lo"]), fmt_rate(r["hi"]),
                     fmt_us(r.get("user_us")), fmt_us(r.get("sys_us")),
                     pct(r.get("cpu_util")), pct(r.get("load_util")),
+                    pct(r.get("other_cpu0")), pct(r.get("other_cpu1")),
                     fmt_ratio(g and g["value"], r["value"]),
                     fmt_ratio(g and g.get("user_us"), r.get("user_us"))))
         notes = []
@@ -785,7 +817,9 @@ def write_report(results, servers, notes, info, args_line, wall, write_files=Tru
           "higher (better for req/s, worse for µs and KiB). `server CPU` and `load CPU` are the share of "
           "one core the server and the load generator used in the window: when the load generator is "
           "near 100%% the scenario measures the client, not the server, and only the µs columns compare "
-          "servers." % (info["runs"], info["duration"]), "",
+          "servers. `other load CPU 0 / 1` is the share of each pinned CPU that other processes on the "
+          "machine (and the kernel's softirq work not charged to either process) took during the window: "
+          "high values mean the run was disturbed." % (info["runs"], info["duration"]), "",
           warm, "",
           "The machine is shared and noisy (2 cores); compare ratios within one run rather than "
           "absolute numbers across runs.", ""]
@@ -915,6 +949,8 @@ def main(argv=None):
                         desc = "%s %s/s, user %s µs, sys %s µs, server cpu %.0f%%, load cpu %.0f%%" % (
                             fmt_rate(res["rate"]), sc["unit"], fmt_us(res["user_us"]), fmt_us(res["sys_us"]),
                             100 * (res["cpu_util"] or 0), 100 * (res.get("load_util") or 0))
+                        if "other_cpu0" in res:
+                            desc += ", other load %.0f%%/%.0f%%" % (100 * res["other_cpu0"], 100 * res.get("other_cpu1", 0))
                     if res.get("errors"):
                         desc += ", %d errors" % res["errors"]
                     if res.get("note"):
