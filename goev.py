@@ -711,6 +711,8 @@ class IOHandle:
     def _flush(self) -> bool:
         """Send as much of the queue as the kernel takes; always returns True."""
         wq = self._wq
+        if not wq:              # nothing queued (the user armed EV_OUT): no "drained" event
+            return True
         sock = self._sock
         while wq:
             try:
