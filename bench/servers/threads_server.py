@@ -83,9 +83,16 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, bye)
     signal.signal(signal.SIGINT, bye)
+    # The accept times out now and then so that the main thread runs the signal
+    # handler: a SIGTERM may be delivered to any of thousands of connection
+    # threads, and Python runs handlers in the main thread only.
+    ls.settimeout(0.5)
     try:
         while True:
-            conn, _ = ls.accept()
+            try:
+                conn, _ = ls.accept()
+            except socket.timeout:
+                continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=handler, args=(conn,), daemon=True).start()
     finally:
