@@ -49,8 +49,10 @@ How to read this file (top to bottom, each name defined before use)
  8. ``Reactor``: N pollers, placement, start/stop, cross-thread posts
  9. ``Acceptor``: listening sockets
 10. ``Connector``: non-blocking connects
-11. ``ConnectPool``: a pool of client connections
-12. The command line: ``python -m goev echo ADDR``
+11. TLS: ``ssl.SSLObject`` over memory BIOs, the handshake, the class swap
+12. ``ConnectPool``: a pool of client connections
+13. ``serve()``: multi-process serving, supervised workers
+14. The command line: ``python -m goev echo|http ADDR``
 
 Linux uses epoll; other platforms (and ``backend="selectors"``) use the
 ``selectors`` module with the same behaviour.  CPython 3.9+.  MIT licence.
@@ -78,6 +80,11 @@ import sys
 import threading
 import time
 from typing import Any, Callable, Optional, Union
+
+try:
+    import ssl as _ssllib         # (as _ssllib: ``ssl=`` is the name of the TLS arguments)
+except ImportError:               # pragma: no cover - a Python built without OpenSSL
+    _ssllib = None                # type: ignore[assignment]
 
 __all__ = [
     "EV_IN", "EV_OUT", "EV_ET",
@@ -118,6 +125,7 @@ _INBOX_BATCH = 1024             # cross-thread items per loop pass: a flood cann
 _SENDMSG_MAX = 64               # queued buffers gathered into one sendmsg()
 _MAX_POLL_TIMEOUT = 86400.0     # epoll takes an int of ms: clamp far timers to a day
 _COMPACT_MIN = 64               # lazily cancelled timers tolerated before compaction is considered
+_TLS_HANDSHAKE_TIMEOUT = 10.0   # seconds for a TLS handshake (asyncio: 60, generous to slowloris)
 
 # Errors that mean "the peer is gone": close quietly, never log a traceback.
 _DISCONNECTED = frozenset((errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN,
@@ -205,6 +213,12 @@ def parse_address(addr: Union[str, tuple], *, resolve: bool = True) -> tuple:
     return info[0][0], info[0][4]
 
 
+def _host_of(addr: Union[str, tuple]) -> str:
+    """The host part of a TCP address as written (no brackets): the TLS server name."""
+    host = addr[0] if isinstance(addr, tuple) else addr.rpartition(":")[0]
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
 def _check_port(port: Any, addr: Any) -> int:
     if not isinstance(port, int) or isinstance(port, bool):
         raise TypeError("port must be an int, got %r in %r" % (port, addr))
@@ -288,6 +302,31 @@ class _EpollBackend:
         except OSError:      # closed behind our back (EBADF) or already gone (ENOENT)
             pass
 
+    def drop_stale(self, fd: int, live: Callable[[], list]) -> None:
+        """Forget ``fd``: epoll reports it but no handler owns it, because it was
+        closed behind goev's back (os.close, a socket closed directly).  DEL by
+        number works while the number still names that file.  Once it does not
+        (closed: EBADF, or reused: ENOENT) and a dup() or a forked child keeps the
+        old file description open, epoll keeps it registered and, level-triggered,
+        reports it forever: a busy loop nothing can DEL.  Then a fresh epoll
+        instance is put under the same fd number (so ``poll`` stays valid) and
+        ``live()``'s (fd, events) pairs are registered again.  Rare and O(n)."""
+        try:
+            self._ep.unregister(fd)
+            return
+        except OSError:
+            pass
+        new = select.epoll()
+        try:
+            os.dup2(new.fileno(), self._ep.fileno(), inheritable=False)
+        finally:
+            new.close()
+        for lfd, ev in live():
+            try:
+                self.register(lfd, ev)
+            except FileExistsError:  # registered meanwhile by another thread (add_handler)
+                pass
+
     def close(self) -> None:
         self._ep.close()
 
@@ -326,6 +365,10 @@ class _SelectorsBackend:
             self._sel.unregister(fd)
         except (KeyError, ValueError, OSError):
             pass
+
+    def drop_stale(self, fd: int, live: Callable[[], list]) -> None:
+        """Forget an fd closed behind goev's back (poll() keys on the number: enough)."""
+        self.unregister(fd)
 
     def poll(self, timeout: float) -> list:
         R = selectors.EVENT_READ
@@ -556,7 +599,8 @@ class IOHandle:
 
     Attributes: ``fd`` (-1 once closed), ``reactor`` (where ``on_open``
     registers), ``poller``, ``peer`` (the remote address), ``error`` (the
-    OSError that ended the connection, if any), ``cache`` (the poller's dict).
+    OSError that ended the connection, if any), ``cache`` (the poller's dict),
+    ``sock_peer`` (the socket's own peer: the balancer, with the PROXY protocol).
     """
     __slots__ = ("fd", "reactor", "poller", "peer", "error", "_sock", "_wq", "_wq_bytes",
                  "_user", "_mask", "_state", "_eof", "_paused", "_shut_wr", "_timer",
@@ -664,9 +708,10 @@ class IOHandle:
         order, by the owning poller.  On the owning thread it writes directly.
 
         FIFO per handler; with the poller's own ``write`` calls the data takes
-        its place when the poller runs the posted write, which is before the
-        poller handles any I/O event that happened after this call returned
-        (or any ``post_to`` made after it).  Once the handler is closed (or the
+        its place when the poller runs the posted write: before any later
+        ``post_to`` and, unless a flood of more than _INBOX_BATCH posts is queued
+        ahead of it, before the poller handles an I/O event that happened after
+        this call returned.  Once the handler is closed (or the
         reactor stopped) the data is dropped and counted in ``dropped_bytes``;
         it is tied to this handler object, never to the fd number, so a new
         handler that reuses the number never receives it."""
@@ -854,7 +899,12 @@ class IOHandle:
         """Release the socket and the send queue (the default ``on_close``); idempotent.
 
         goev always closes the fd itself once the handler is closed; calling
-        this early (from ``on_close``) is allowed, as in the Go original."""
+        this early (from ``on_close``) is allowed, as in the Go original.  Called on
+        a handler still registered (poller thread), it first leaves the poller
+        (on_close follows): a socket closed under a registered handler would leave
+        a stale table entry that refuses the next handler given the same number."""
+        if self._state != _CLOSED and self.poller is not None and self._sock is not None:
+            self._close_now()
         if self._wq:
             self.dropped_bytes += self._wq_bytes
             self._wq.clear()
@@ -910,6 +960,28 @@ class IOHandle:
     def cache(self) -> dict:
         """The owning poller's cache dict (read without locks, poller thread)."""
         return self.poller.cache
+
+    @property
+    def ssl_object(self) -> Any:
+        """The ``ssl.SSLObject`` of a TLS connection (getpeercert(), version(),
+        cipher() ...), None for plaintext.  See section 11."""
+        return None
+
+    @property
+    def sock_peer(self) -> Any:
+        """The address the socket is really connected to (``getpeername()``), None
+        once closed or reset.  It equals ``peer`` except behind a load balancer
+        speaking the PROXY protocol (``Acceptor(proxy_protocol=True)``): then
+        ``peer`` is the client the balancer announced and ``sock_peer`` the
+        balancer.  Asked of the kernel on each call, so no handler carries an
+        extra slot for it (memory per idle connection matters here)."""
+        s = self._sock
+        if s is None:
+            return None
+        try:
+            return s.getpeername()
+        except OSError:
+            return None
 
     def _update(self) -> None:
         """Make the registered events match the state (the only epoll_ctl MOD site)."""
@@ -1278,6 +1350,20 @@ class _Poller:
             h.poller = None
             h._close_now()
 
+    def _orphan(self, fd: int) -> None:
+        """An event for an fd no handler owns.  Normally its handler was closed
+        earlier in this batch (already unregistered; the event was collected
+        before): drop it.  Otherwise the fd was closed behind goev's back and the
+        kernel may report it forever: make the backend forget it."""
+        for h in self._closing:
+            if h.fd == fd:
+                return
+        self._backend.drop_stale(fd, self._registrations)
+
+    def _registrations(self) -> list:
+        """(fd, events) of everything this poller watches (for drop_stale)."""
+        return [(self._waker.fd, EV_IN)] + [(fd, h._mask) for fd, h in list(self._handlers.items()) if h._mask]
+
     def _fault(self, h: IOHandle, where: str) -> None:
         """A callback raised: log with the handler's repr, close that handler only."""
         _log.exception("exception in %s of %s", where, _safe_repr(h))
@@ -1326,6 +1412,8 @@ class _Poller:
                     if fd == waker_fd:
                         self._waker.drain()
                         self._wake_pending = False   # after the drain: see "No lost wake-up"
+                    else:
+                        self._orphan(fd)
                     continue
                 try:
                     if ev & EV_OUT:
@@ -1443,6 +1531,11 @@ class _TracedBackend:
         self._ev.pop(fd, None)
         self._b.unregister(fd)
 
+    def drop_stale(self, fd: int, live: Callable[[], list]) -> None:
+        self._say("fd %d: reported but owned by no handler (closed behind goev's back): forgotten" % fd)
+        self._ev.pop(fd, None)
+        self._b.drop_stale(fd, live)
+
     def poll(self, timeout: float) -> list:
         events = self._b.poll(timeout)
         what = "%s_wait" % ("epoll" if self.name == "epoll" else "select")
@@ -1525,7 +1618,9 @@ class _TracePoller(_Poller):
         sys.stderr.flush()
 
     def _add(self, h: IOHandle, fd: int, events: int) -> None:
-        if h._sock is not None and not isinstance(h._sock, _TracedSocket):
+        if isinstance(h._sock, _TLSTransport):      # TLS: trace the ciphertext syscalls
+            h._sock.trace(self._say)
+        elif h._sock is not None and not isinstance(h._sock, _TracedSocket):
             h._sock = _TracedSocket(h._sock, self._say)
         self._say("fd %d: add handler %s for %s" % (fd, type(h).__name__, _ev_names(events)))
         super()._add(h, fd, events)
@@ -1566,6 +1661,7 @@ class _TracePoller(_Poller):
                         self._wake_pending = False
                     else:
                         say("fd %d: no handler any more (closed earlier in this batch): dropped" % fd)
+                        self._orphan(fd)
                     continue
                 name = type(h).__name__
                 try:
@@ -1925,6 +2021,205 @@ def _unix_path_free(path: str) -> None:
     raise OSError(errno.EADDRINUSE, "a server is listening on unix socket", path)
 
 
+def _bound_listener(family: int, sockaddr: Any, backlog: int, reuse_addr: bool, reuse_port: bool,
+                    rcvbuf: int) -> socket.socket:
+    """A new listening socket on ``sockaddr`` (blocking; the caller sets the mode).
+    Used by Acceptor and by serve()'s supervisor, which listens once for all workers."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family == socket.AF_UNIX:
+            if not sockaddr.startswith("\0"):
+                _unix_path_free(sockaddr)
+        else:
+            if reuse_addr:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if rcvbuf:                  # before listen(), so accepted sockets inherit it
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _adopt_listener(fd: Any) -> socket.socket:
+    """Wrap ``fd``, an existing listening SOCK_STREAM socket (systemd socket
+    activation, a parent process), in a socket object.  ValueError naming the fd
+    if it is anything else -- and then the fd is left open, it is not ours."""
+    _check_int("fd", fd, 0)
+    try:
+        sock = socket.socket(fileno=fd)          # family and type are read from the fd
+    except OSError as e:
+        raise ValueError("fd %d is not a socket (%s)" % (fd, e.strerror or e)) from None
+    try:
+        ok = sock.type == socket.SOCK_STREAM and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError:
+        ok = False
+    if not ok:
+        sock.detach()
+        raise ValueError("fd %d is not a listening SOCK_STREAM socket" % fd)
+    return sock
+
+
+# -- PROXY protocol (HAProxy's v1 text and v2 binary headers) ----------------------
+# Behind a TCP load balancer every connection comes from the balancer; with the
+# PROXY protocol the balancer starts each connection with a header naming the
+# real client.  Acceptor(proxy_protocol=True) hands each accepted socket to an
+# internal _ProxyHeader first (the pattern of the Connector's _Connecting): it
+# reads the header, then leaves the poller without closing the socket, builds
+# the user's handler with ``peer`` = the client and calls its on_open.  The
+# balancer stays available as ``sock_peer`` (getpeername(): no slot added to
+# every IOHandle for it).  It never reads a byte past the header: it peeks
+# (MSG_PEEK) to find where the header ends and consumes exactly that, so bytes
+# that followed the header in the same segment stay in the kernel for the
+# user's first read() -- no leftover buffer to hand over, no branch on the hot
+# read path.  While the header is incomplete every byte there is header, so it
+# is consumed (kept in _buf): the fd then stops being readable and a
+# level-triggered poll cannot spin on peeked bytes.  A malformed, oversized or
+# missing header, end of stream before it, or no header within
+# ``proxy_header_timeout``: the connection is closed with a DEBUG log line, and
+# no user code (not even the factory) runs for it.
+
+_PROXY_V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+_PROXY_V1_MAX = 107             # the longest v1 line the spec allows, CRLF included
+_PROXY_V2_MAX = 16 + 2048       # v2 header + addresses + TLVs accepted (the spec asks for >= 232)
+_PROXY_TIMEOUT = 5.0            # seconds a new connection may take to send its header
+
+
+class _ProxyError(ValueError):
+    """A PROXY header that cannot be accepted (internal: logged at DEBUG, connection closed)."""
+
+
+def _proxy_parse(data: bytes) -> Optional[tuple]:
+    """Parse the PROXY header at the start of ``data``: None if more bytes are
+    needed, else ``(header length, version, client address)``; the address is
+    None for "use the socket's own peer" (v2 LOCAL -- the balancer's health
+    checks --, UNSPEC, v1 UNKNOWN).  Raises _ProxyError for anything else."""
+    n = len(data)
+    if data[0] == 0x0D:                                        # v2: binary
+        if not _PROXY_V2_SIG.startswith(data[:12]):
+            raise _ProxyError("bad PROXY v2 signature")
+        if n < 16:
+            return None
+        ver, cmd, af = data[12] >> 4, data[12] & 0xF, data[13] >> 4
+        total = 16 + int.from_bytes(data[14:16], "big")
+        if ver != 2 or cmd > 1:
+            raise _ProxyError("unsupported PROXY v2 version %d / command %d" % (ver, cmd))
+        if total > _PROXY_V2_MAX:
+            raise _ProxyError("PROXY v2 header of %d bytes (limit %d)" % (total, _PROXY_V2_MAX))
+        if n < total:
+            return None
+        if cmd == 0 or af == 0:                                # LOCAL, or UNSPEC: the real peer
+            return total, 2, None
+        body = data[16:total]                                  # addresses, then TLVs (skipped)
+        need = {1: 12, 2: 36, 3: 216}.get(af)
+        if need is None or len(body) < need:
+            raise _ProxyError("PROXY v2 address family %d with %d address bytes" % (af, len(body)))
+        if af == 1:
+            return total, 2, (socket.inet_ntop(socket.AF_INET, body[:4]), int.from_bytes(body[8:10], "big"))
+        if af == 2:
+            return total, 2, (socket.inet_ntop(socket.AF_INET6, body[:16]),
+                              int.from_bytes(body[32:34], "big"), 0, 0)
+        raw = body[:108]                                       # AF_UNIX: as accept() reports it
+        return total, 2, (raw.rstrip(b"\0") if raw[:1] == b"\0" else os.fsdecode(raw.split(b"\0", 1)[0]))
+    if not b"PROXY ".startswith(data[:6]):                     # v1: one text line
+        raise _ProxyError("no PROXY header (starts with %r)" % bytes(data[:16]))
+    end = data.find(b"\r\n", 0, _PROXY_V1_MAX)
+    if end < 0:
+        if n >= _PROXY_V1_MAX:
+            raise _ProxyError("PROXY v1 header longer than %d bytes" % _PROXY_V1_MAX)
+        return None
+    parts = bytes(data[:end]).split(b" ")
+    if len(parts) >= 2 and parts[1] == b"UNKNOWN":
+        return end + 2, 1, None
+    if len(parts) != 6 or parts[1] not in (b"TCP4", b"TCP6"):
+        raise _ProxyError("malformed PROXY v1 header %r" % bytes(data[:end]))
+    family = socket.AF_INET if parts[1] == b"TCP4" else socket.AF_INET6
+    try:
+        src = socket.inet_ntop(family, socket.inet_pton(family, parts[2].decode("ascii")))
+        socket.inet_pton(family, parts[3].decode("ascii"))
+        ports = [int(p) for p in parts[4:] if p.isdigit() and len(p) <= 5]
+    except (OSError, ValueError):
+        ports = ()
+    if len(ports) != 2 or max(ports) > 65535:
+        raise _ProxyError("malformed PROXY v1 header %r" % bytes(data[:end]))
+    return end + 2, 1, ((src, ports[0]) if family == socket.AF_INET else (src, ports[0], 0, 0))
+
+
+class _ProxyHeader(IOHandle):
+    """Reads one PROXY header on the acceptor's poller, then hands the socket over."""
+    __slots__ = ("acceptor", "_buf")
+
+    def on_read(self) -> bool:
+        sock, buf = self._sock, self._buf
+        try:
+            peek = sock.recv(_PROXY_V2_MAX - len(buf), socket.MSG_PEEK)
+        except BlockingIOError:
+            return True
+        except OSError as e:
+            return self._reject("read failed (%s)" % e)
+        if not peek:
+            return self._reject("end of stream before the PROXY header")
+        data = buf + peek
+        try:
+            got = _proxy_parse(data)
+        except _ProxyError as e:
+            return self._reject(str(e))
+        take = len(peek) if got is None else got[0] - len(buf)
+        try:
+            if len(sock.recv(take)) != take:   # the peeked bytes: cannot come short
+                return self._reject("short read")
+        except OSError as e:
+            return self._reject("read failed (%s)" % e)
+        if got is None:
+            self._buf = data
+            return True
+        return self._hand_over(got[1], got[2])
+
+    def on_timeout(self, now_ms: int) -> bool:
+        self._reject("no PROXY header within %gs" % self.acceptor._proxy_timeout)
+        self.close()
+        return False
+
+    def _reject(self, why: str) -> bool:
+        _log.debug("%s: %s; connection closed", _safe_repr(self), why)
+        return False                            # the loop closes us: on_close = destroy
+
+    def _hand_over(self, version: int, client: Any) -> bool:
+        a = self.acceptor
+        try:
+            h = a.factory()
+            if not isinstance(h, IOHandle):
+                raise TypeError("factory returned %r, not an IOHandle" % (h,))
+        except Exception:
+            _log.exception("%s: handler factory failed", _safe_repr(a))
+            return False
+        # Leave the poller without closing the socket (as _Connecting._detach).
+        self.cancel_timer()
+        p = self.poller
+        if self._mask:
+            p._backend.unregister(self.fd)
+            self._mask = 0
+        if p._handlers.get(self.fd) is self:
+            del p._handlers[self.fd]
+        self._state = _CLOSED
+        h._sock, self._sock = self._sock, None
+        h.fd = self.fd
+        h.peer = self.peer if client is None else client
+        h.reactor = a.conn_reactor
+        if isinstance(p, _TracePoller):
+            p._say("fd %d: PROXY v%d header: client %r via %r" % (h.fd, version, h.peer, self.peer))
+        if a._tls is not None:                  # the header came first; now the TLS handshake
+            sock, h._sock, h.fd = h._sock, None, -1
+            _TLSHandshake.launch(h, sock, a._tls, True, None, a._tls_timeout, h.peer)
+            return True
+        _open_handler(h)
+        return True
+
+
 class Acceptor(IOHandle):
     """Listen on ``addr`` and hand each connection to ``factory()``'s handler.
 
@@ -1933,14 +2228,36 @@ class Acceptor(IOHandle):
     on the acceptor's poller thread.  Port 0 picks a free port: see ``address``.
     ``poller=i`` pins the listening socket to poller i (one REUSEPORT acceptor
     per poller: the kernel then spreads connections over the pollers).
+    ``ssl=context`` (an ``ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)`` with its
+    certificate loaded) serves TLS: on_open runs once the handshake is done;
+    a handshake that fails or takes over ``ssl_handshake_timeout`` seconds is
+    closed and logged at DEBUG only (section 11).
+
+    ``fd=N`` (with ``addr`` None) adopts an existing listening socket instead of
+    binding one -- systemd socket activation, a parent process; see also
+    ``from_socket``.  The bind options (reuse_addr, reuse_port) do not apply to it.
+
+    ``proxy_protocol=True``: every connection must start with a PROXY protocol
+    header (v1 or v2, as HAProxy's ``send-proxy``/``send-proxy-v2`` send); it is
+    read before the handler exists (and before a TLS handshake), ``peer`` is then
+    the client it names and ``sock_peer`` the balancer.  A connection with a
+    malformed, oversized or missing header, or none within
+    ``proxy_header_timeout`` seconds, is closed (logged at DEBUG) and never
+    reaches the factory.  Off by default: a server reachable without the
+    balancer would believe any client's header.
+
     Raises ValueError/TypeError for bad arguments, OSError (e.g. EADDRINUSE)
     when the address cannot be bound.  ``close()`` stops listening (any thread).
     """
-    __slots__ = ("factory", "conn_reactor", "backlog", "_family", "_unix_path", "_retry")
+    __slots__ = ("factory", "conn_reactor", "backlog", "_family", "_unix_path", "_retry",
+                 "_tls", "_tls_timeout", "proxy_protocol", "_proxy_timeout")
 
-    def __init__(self, reactor: Reactor, addr: Union[str, tuple], factory: Callable[[], IOHandle], *,
+    def __init__(self, reactor: Reactor, addr: Union[str, tuple, None], factory: Callable[[], IOHandle], *,
                  conn_reactor: Optional[Reactor] = None, backlog: int = 512, reuse_addr: bool = True,
-                 reuse_port: bool = False, rcvbuf: int = 0, poller: Optional[int] = None) -> None:
+                 reuse_port: bool = False, rcvbuf: int = 0, poller: Optional[int] = None,
+                 ssl: Any = None, ssl_handshake_timeout: float = _TLS_HANDSHAKE_TIMEOUT,
+                 fd: Optional[int] = None, proxy_protocol: bool = False,
+                 proxy_header_timeout: float = _PROXY_TIMEOUT) -> None:
         if not isinstance(reactor, Reactor):
             raise TypeError("reactor must be a Reactor, got %r" % (reactor,))
         if conn_reactor is not None and not isinstance(conn_reactor, Reactor):
@@ -1949,35 +2266,56 @@ class Acceptor(IOHandle):
             raise TypeError("factory must be callable, got %r" % (factory,))
         _check_int("backlog", backlog, 1)
         _check_int("rcvbuf", rcvbuf, 0)
-        family, sockaddr = parse_address(addr)
+        self._tls = ssl
+        if ssl is not None:
+            self._tls_timeout = _check_tls(ssl, True, None, ssl_handshake_timeout)
+        if not _check_delay("proxy_header_timeout", proxy_header_timeout) > 0:
+            raise ValueError("proxy_header_timeout must be > 0 seconds, got %r" % (proxy_header_timeout,))
+        if fd is not None:
+            if addr is not None:
+                raise ValueError("give addr or fd, not both (addr=%r, fd=%r)" % (addr, fd))
+            sock = _adopt_listener(fd)
+            family = sock.family
+        else:
+            family, sockaddr = parse_address(addr)
+            sock = _bound_listener(family, sockaddr, backlog, reuse_addr, reuse_port, rcvbuf)
         self.factory = factory
         self.conn_reactor = conn_reactor or reactor
         self.backlog = backlog
+        self.proxy_protocol = bool(proxy_protocol)
+        self._proxy_timeout = float(proxy_header_timeout)
         self._family = family
         self._unix_path = None
         self._retry = False
-        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            if family == socket.AF_UNIX:
-                if not sockaddr.startswith("\0"):
-                    _unix_path_free(sockaddr)
-                    self._unix_path = sockaddr
-            else:
-                if reuse_addr:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if rcvbuf:                  # before listen(), so accepted sockets inherit it
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(sockaddr)
-            sock.listen(backlog)
+            if fd is not None and rcvbuf and family != socket.AF_UNIX:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
             sock.setblocking(False)
             self._sock = sock
             self.peer = None
             reactor.add_handler(self, sock.fileno(), EV_IN, poller=poller)
         except BaseException:
-            sock.close()
+            self._sock = None
+            if fd is not None:
+                sock.detach()                 # not ours to close: the caller still owns fd
+            else:
+                sock.close()
             raise
+        if fd is None and family == socket.AF_UNIX and not sockaddr.startswith("\0"):
+            self._unix_path = sockaddr        # ours: unlinked on close
+
+    @classmethod
+    def from_socket(cls, reactor: Reactor, sock: socket.socket, factory: Callable[[], IOHandle],
+                    **kw: Any) -> "Acceptor":
+        """An Acceptor on ``sock``, a socket that is already listening (SOCK_STREAM).
+        The Acceptor takes it over: ``sock`` is detached (its ``fileno()`` becomes
+        -1) and the Acceptor's ``close()`` closes the listening socket.  Keywords as
+        for Acceptor.  ValueError if ``sock`` is not a listening stream socket."""
+        if not isinstance(sock, socket.socket):
+            raise TypeError("sock must be a socket.socket, got %r" % (sock,))
+        a = cls(reactor, None, factory, fd=sock.fileno(), **kw)
+        sock.detach()
+        return a
 
     @property
     def address(self) -> Any:
@@ -1994,6 +2332,8 @@ class Acceptor(IOHandle):
         factory = self.factory
         conn_reactor = self.conn_reactor
         nodelay = self._family != socket.AF_UNIX
+        tls = self._tls
+        proxy = self.proxy_protocol
         for _ in range(min(self.backlog, _ACCEPT_BATCH)):
             try:
                 conn, addr = accept()
@@ -2014,6 +2354,9 @@ class Acceptor(IOHandle):
             conn.setblocking(False)
             if nodelay:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if proxy:                          # the PROXY header first: no user code before it
+                self._read_proxy_header(conn, addr)
+                continue
             try:
                 h = factory()
                 if not isinstance(h, IOHandle):
@@ -2022,12 +2365,34 @@ class Acceptor(IOHandle):
                 _log.exception("%s: handler factory failed", _safe_repr(self))
                 conn.close()
                 continue
+            if tls is not None:                # the handshake first, then on_open (section 11)
+                h.reactor = conn_reactor
+                _TLSHandshake.launch(h, conn, tls, True, None, self._tls_timeout, addr)
+                continue
             h._sock = conn
             h.fd = conn.fileno()
             h.peer = addr
             h.reactor = conn_reactor
             _open_handler(h)
         return True
+
+    def _read_proxy_header(self, conn: socket.socket, addr: Any) -> None:
+        """Start a _ProxyHeader for ``conn`` on this acceptor's poller (so the user's
+        on_open runs on the acceptor's thread, as without the PROXY protocol)."""
+        ph = _ProxyHeader()
+        ph.acceptor = self
+        ph._buf = b""
+        ph._sock = conn
+        ph.fd = conn.fileno()
+        ph.peer = addr
+        try:
+            self.reactor.add_handler(ph, ph.fd, EV_IN, poller=self.poller.index)
+        except Exception:
+            _log.exception("%s: cannot watch a new connection", _safe_repr(self))
+            ph._close_now()
+            return
+        if self._proxy_timeout != math.inf:
+            ph.schedule_timer(self._proxy_timeout * 1000.0)
 
     def on_timeout(self, now_ms: int) -> bool:
         if self._retry:
@@ -2081,7 +2446,7 @@ class Acceptor(IOHandle):
 # fd >= 0 marks it "connecting", so it cannot be connected twice at once.
 
 class _Connecting(IOHandle):
-    __slots__ = ("target", "addr", "_ticket")
+    __slots__ = ("target", "addr", "_ticket", "_tls")
 
     def on_write(self) -> bool:
         err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -2151,6 +2516,10 @@ class _Connecting(IOHandle):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:                # already reset: on_open's first I/O will say so
                 pass
+        if self._tls is not None:          # TLS: the handshake, then on_open (section 11)
+            h._sock = None
+            _TLSHandshake.launch(h, sock, self._tls[0], False, self._tls[1], self._tls[2], self.addr)
+            return
         _open_handler(h)
 
     def _fail(self, err: OSError) -> None:
@@ -2187,7 +2556,9 @@ class Connector:
     def __repr__(self) -> str:
         return "<goev.Connector on %r>" % (self.reactor,)
 
-    def connect(self, addr: Union[str, tuple], handler: IOHandle, timeout_ms: float) -> None:
+    def connect(self, addr: Union[str, tuple], handler: IOHandle, timeout_ms: float, *, ssl: Any = None,
+                server_hostname: Optional[str] = None,
+                ssl_handshake_timeout: float = _TLS_HANDSHAKE_TIMEOUT) -> None:
         """Connect ``handler`` to ``addr`` without blocking (host names are resolved
         here, in the calling thread, which may block).  Any thread.
 
@@ -2200,6 +2571,12 @@ class Connector:
         ValueError/TypeError at the call for a malformed address, a negative
         timeout or a handler already open or connecting; RuntimeError once the
         reactor is stopped.  A handler whose connect failed may be connected again.
+
+        ``ssl=context`` (e.g. ``ssl.create_default_context()``) runs a TLS
+        handshake after the connect, before on_open; ``server_hostname`` is the
+        name the certificate must match (default: the host part of ``addr``).
+        A handshake failure reaches ``on_connect_fail``: ssl.SSLCertVerificationError,
+        ssl.SSLError, TimeoutError after ``ssl_handshake_timeout`` seconds.
         """
         if not isinstance(handler, IOHandle):
             raise TypeError("handler must be an IOHandle, got %r" % (handler,))
@@ -2211,6 +2588,13 @@ class Connector:
         family, sockaddr = parse_address(addr)
         if family != socket.AF_UNIX and sockaddr[1] == 0:
             raise ValueError("cannot connect to port 0 in %r" % (addr,))
+        tls = None
+        if ssl is not None:
+            if server_hostname is None and family != socket.AF_UNIX:
+                server_hostname = _host_of(addr) or None
+            tls = (ssl, server_hostname, _check_tls(ssl, False, server_hostname, ssl_handshake_timeout))
+        if isinstance(handler, _TLSMixin) and tls is None:   # reconnected without TLS
+            handler.__class__ = _TLS_PLAIN.get(type(handler), type(handler))
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
@@ -2226,6 +2610,7 @@ class Connector:
         c._sock = sock
         c.fd = handler.fd = sock.fileno()     # handler.fd >= 0 marks it "connecting"
         c._ticket = [True]
+        c._tls = tls
         handler.reactor = self.reactor
         handler.error = None                  # from a failed attempt: _add would abort on it
         p = self.reactor._poller_for(c.fd)
@@ -2264,7 +2649,410 @@ class Connector:
 
 
 # =============================================================================
-# 11. ConnectPool: a pool of client connections
+# 11. TLS: SSLObject over memory BIOs, and the class swap
+# =============================================================================
+# The standard library's ssl module can run TLS without owning the socket:
+# ``context.wrap_bio(incoming, outgoing)`` gives an ``SSLObject`` that reads
+# ciphertext from one ``MemoryBIO`` and writes ciphertext to another.  goev
+# keeps doing the socket I/O itself, so TLS is non-blocking for free:
+#
+#   socket --recv--> incoming BIO --sslobj.read()--> plaintext (the shared buffer)
+#   plaintext --sslobj.write()--> outgoing BIO --IOHandle.write()--> socket
+#
+# The ciphertext goes through the ordinary send queue, so EV_OUT arming, the
+# water marks, ordering and async_write are the plaintext ones, unchanged.
+#
+# A connection starts with an internal ``_TLSHandshake`` handler (like
+# ``_Connecting``) on the connection's poller: it feeds the BIOs on readable
+# and writable events, calls ``do_handshake()`` and keeps a timeout timer.
+# On success it leaves the poller without closing the socket and hands it to
+# the user's handler, whose class is swapped -- once -- for a cached subclass
+# ``TLS<Name>(Name, _TLSMixin)``: same slots (the mixin adds none), so the
+# swap is allowed, and the mixin's read/write/close sit *below* the user's
+# class in the MRO (a user ``write`` that calls ``super().write`` frames
+# plaintext, then the mixin encrypts it).  Plaintext handlers never see any
+# of this: their read()/write() contain no TLS test.  The TLS state lives in
+# the ``_sock`` slot: a ``_TLSTransport`` whose send/recv_into/... are the raw
+# socket's own bound methods, plus the SSLObject and the two BIOs.  Then
+# on_open runs (server: after accept + handshake; client: after connect +
+# handshake).  A failed handshake is the peer's problem, not the server's:
+# it is logged at DEBUG only and the socket closed; a client gets
+# on_connect_fail(err) (ssl.SSLCertVerificationError is an OSError).
+
+class _TLSTransport:
+    """Stands in for the socket of a TLS connection: the raw socket's methods
+    (ciphertext) plus the SSLObject and its two memory BIOs."""
+    __slots__ = ("sock", "sslobj", "incoming", "outgoing", "decrypt", "encrypt", "buffered",
+                 "send", "sendmsg", "recv_into", "shutdown", "fileno", "getsockopt", "setsockopt",
+                 "getpeername", "getsockname", "family", "eof", "notified")
+
+    def __init__(self, sock: socket.socket, context: Any, server_side: bool,
+                 server_hostname: Optional[str]) -> None:
+        self.incoming = _ssllib.MemoryBIO()
+        self.outgoing = _ssllib.MemoryBIO()
+        self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
+                                       server_hostname=server_hostname)
+        # The C object under SSLObject, where there is one: one Python frame less per call.
+        raw = getattr(self.sslobj, "_sslobj", self.sslobj)
+        self.decrypt, self.encrypt, self.buffered = raw.read, raw.write, raw.pending
+        self.sock = sock
+        self.send, self.sendmsg, self.recv_into = sock.send, sock.sendmsg, sock.recv_into
+        self.shutdown, self.fileno = sock.shutdown, sock.fileno
+        self.getsockopt, self.setsockopt = sock.getsockopt, sock.setsockopt
+        self.getpeername, self.getsockname = sock.getpeername, sock.getsockname
+        self.family = sock.family
+        self.eof = False              # no more ciphertext will come (FIN, reset, close_notify)
+        self.notified = False         # our close_notify is on its way
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def trace(self, say: Callable[[str], None]) -> None:
+        """Trace mode: route the raw socket calls through a printing proxy."""
+        if not isinstance(self.sock, _TracedSocket):
+            s = self.sock = _TracedSocket(self.sock, say)
+            self.send, self.sendmsg, self.recv_into, self.shutdown = s.send, s.sendmsg, s.recv_into, s.shutdown
+
+
+_TLS_CLASSES: dict = {}           # user class -> its TLS subclass (made once per class)
+_TLS_PLAIN: dict = {}             # ... and back (a handler reconnected without TLS)
+
+
+def _tls_class(cls: type) -> type:
+    """The cached ``TLS<Name>`` subclass of ``cls`` with _TLSMixin under it."""
+    tls = _TLS_CLASSES.get(cls)
+    if tls is None:
+        if issubclass(cls, _TLSMixin):
+            return cls
+        try:
+            bases: tuple = (cls, _TLSMixin)
+            tls = type(cls)("TLS" + cls.__name__, bases, {"__slots__": (), "__module__": cls.__module__})
+        except TypeError:             # no consistent MRO (cls is IOHandle itself): mixin first
+            tls = type(cls)("TLS" + cls.__name__, (_TLSMixin, cls),
+                            {"__slots__": (), "__module__": cls.__module__})
+        tls = _TLS_CLASSES.setdefault(cls, tls)
+        _TLS_PLAIN[tls] = cls
+    return tls
+
+
+class _TLSMixin(IOHandle):
+    """read/write/close of a TLS connection (see the section comment).  Poller thread."""
+    __slots__ = ()
+
+    @property
+    def ssl_object(self) -> Any:
+        """The connection's ``ssl.SSLObject``: getpeercert(), version(), cipher(),
+        selected_alpn_protocol() ..."""
+        return None if self._sock is None else self._sock.sslobj
+
+    def read(self) -> Optional[memoryview]:
+        """IOHandle.read for TLS: plaintext in the poller's shared buffer, same contract.
+
+        The ciphertext is received into the shared buffer too (the incoming BIO
+        copies it), at most the buffer's size minus what the BIO holds: then
+        the plaintext, always smaller, fits, and nothing decryptable is ever
+        left behind where no readable event would announce it."""
+        t = self._sock
+        view = self.poller._rview
+        size = len(view)
+        incoming = t.incoming
+        got = 0
+        while True:
+            if incoming.pending or t.buffered():
+                decrypt = t.decrypt
+                try:
+                    while got < size:
+                        n = decrypt(size - got, view[got:])
+                        if not n:                  # the peer's close_notify: clean end
+                            t.eof = True
+                            break
+                        got += n
+                except _ssllib.SSLWantReadError:   # a partial record: wait for more
+                    pass
+                except _ssllib.SSLZeroReturnError:
+                    t.eof = True
+                except _ssllib.SSLError as e:      # a ragged EOF (SSLEOFError) or garbage
+                    t.eof = True
+                    if not isinstance(e, _ssllib.SSLEOFError):
+                        t.notified = True          # no close_notify after a fatal error
+                        if self.error is None:
+                            self.error = e
+                        _log.debug("%s: TLS error: %s", _safe_repr(self), e)
+                if t.outgoing.pending:             # a key update or an alert to answer
+                    IOHandle.write(self, t.outgoing.read())
+                if got:
+                    if got == size:                # a tiny buffer: more may be decryptable
+                        self.poller._post(self._tls_kick)
+                    return view[:got]
+            if t.eof:
+                self._eof = True
+                if self._mask & EV_IN:
+                    self._update()
+                return _EMPTY_VIEW
+            room = size - incoming.pending
+            try:
+                n = t.recv_into(view, room if room > 0 else size)
+            except BlockingIOError:
+                return None
+            except OSError as e:
+                self.error = e
+                n = 0
+            if n:
+                incoming.write(view[:n])
+            else:
+                t.eof = True
+                incoming.write_eof()
+
+    def write(self, data: Any) -> None:
+        """IOHandle.write for TLS: encrypt (on the poller thread only), then queue
+        the ciphertext exactly as plaintext would be."""
+        p = self.poller
+        if p is not None and p._tid != _get_ident():
+            self.async_write(data)         # encryption happens on the poller thread
+            return
+        if self._state or self._shut_wr:
+            self.dropped_bytes += len(data)
+            return
+        if not len(data):
+            return
+        t = self._sock
+        try:
+            n = t.encrypt(data)
+            if n != len(data):             # memory BIOs take everything, but be sure
+                view = memoryview(data).cast("B")
+                while n < len(view):
+                    n += t.encrypt(view[n:])
+        except _ssllib.SSLError as e:
+            t.notified = True
+            self._write_failed(e)
+            return
+        IOHandle.write(self, t.outgoing.read())
+
+    def _tls_close_notify(self) -> None:
+        """Queue our close_notify (once), ahead of the FIN."""
+        t = self._sock
+        if t is None or t.notified or self.error is not None or self._state or self._shut_wr:
+            return
+        t.notified = True
+        try:
+            t.sslobj.unwrap()              # writes close_notify; the peer's may come later
+        except (_ssllib.SSLError, ValueError):
+            pass                           # SSLWantReadError: the usual, nothing to wait for
+        if t.outgoing.pending:
+            IOHandle.write(self, t.outgoing.read())
+
+    def close(self) -> None:
+        """Send close_notify, flush the queue, then close; from any thread."""
+        p = self.poller
+        if p is not None and p._tid != _get_ident() and p._running:
+            p._post(self.close)
+            return
+        if p is not None and p._tid == _get_ident():
+            self._tls_close_notify()
+        IOHandle.close(self)
+
+    def shutdown_write(self) -> None:
+        """Send close_notify then FIN once the queue is flushed; reading continues."""
+        p = self.poller
+        if p is not None and p._tid != _get_ident() and p._running:
+            p._post(self.shutdown_write)
+            return
+        if p is not None and p._tid == _get_ident():
+            self._tls_close_notify()
+        IOHandle.shutdown_write(self)
+
+    def _update(self) -> None:
+        # Plaintext may be waiting in the BIOs when reading (re)starts -- sent
+        # right behind the handshake, or left by a read into a tiny buffer --
+        # and no readable event will announce it: post a read.
+        had = self._mask
+        IOHandle._update(self)
+        if self._mask & EV_IN and not had & EV_IN:
+            t = self._sock
+            if t is not None and (t.incoming.pending or t.buffered()):
+                self.poller._post(self._tls_kick)
+
+    def _tls_kick(self) -> None:
+        if self._state or not self._mask & EV_IN:
+            return
+        try:
+            if not self.on_read():
+                self.close()
+        except Exception:
+            self.poller._fault(self, "on_read")
+
+
+class _TLSHandshake(IOHandle):
+    """Drives one handshake on the connection's poller, then hands the socket over."""
+    __slots__ = ("target", "_server", "_timeout", "_ticket")
+
+    @classmethod
+    def launch(cls, target: IOHandle, sock: socket.socket, context: Any, server_side: bool,
+              server_hostname: Optional[str], timeout: float, peer: Any) -> None:
+        """Begin the handshake of ``sock`` for ``target`` (whose ``reactor`` is set).
+        Any thread; the handshake itself runs on poller[fd % N] of target.reactor."""
+        hs = cls()
+        hs.target = target
+        hs._server = server_side
+        hs._timeout = timeout
+        hs._ticket = [True]
+        hs.peer = peer
+        hs.reactor = target.reactor
+        hs.fd = sock.fileno()
+        try:
+            hs._sock = _TLSTransport(sock, context, server_side, server_hostname)
+        except Exception as e:             # e.g. ValueError: check_hostname without a name
+            hs._sock = sock
+            hs._fail(e if isinstance(e, OSError) else _ssllib.SSLError(str(e)))
+            return
+        p = target.reactor._poller_for(hs.fd)
+        if p._tid == _get_ident():
+            hs._begin()
+            return
+        p._post(hs._begin)
+        if p._done and hs._take():         # p shut down: nobody will run _begin
+            hs._fail(ConnectionAbortedError(errno.ECONNABORTED, "reactor stopped"))
+
+    def _take(self) -> bool:
+        try:
+            self._ticket.pop()             # list.pop is atomic: one winner
+            return True
+        except IndexError:
+            return False
+
+    def _begin(self) -> None:
+        if not self._take():
+            return
+        p = self.reactor._poller_for(self.fd)
+        try:
+            p._add(self, self.fd, EV_IN)
+        except Exception as e:             # the reactor is stopping
+            self._fail(e if isinstance(e, OSError) else ConnectionAbortedError(errno.ECONNABORTED, str(e)))
+            return
+        if self._timeout != math.inf:
+            self.schedule_timer(self._timeout * 1000.0)
+        if not self._server:               # the client speaks first: ClientHello
+            self._step()
+
+    def on_read(self) -> bool:
+        t = self._sock
+        view = self.poller._rview
+        try:
+            n = t.recv_into(view)
+        except BlockingIOError:
+            return True
+        except OSError as e:
+            self._fail(e)
+            return True
+        if n:
+            t.incoming.write(view[:n])
+        else:
+            t.incoming.write_eof()
+        self._step()
+        if not n and self.target is not None:   # (do_handshake raises at EOF: belt and braces)
+            self._fail(ConnectionResetError(errno.ECONNRESET, "EOF during the TLS handshake"))
+        return True
+
+    def on_timeout(self, now_ms: int) -> bool:
+        self._fail(TimeoutError(errno.ETIMEDOUT, "TLS handshake timed out after %gs" % self._timeout))
+        return False
+
+    def _step(self) -> None:
+        t = self._sock
+        try:
+            t.sslobj.do_handshake()
+        except _ssllib.SSLWantReadError:
+            if t.outgoing.pending:
+                IOHandle.write(self, t.outgoing.read())
+            return
+        except Exception as e:             # SSLError, SSLCertVerificationError, OSError
+            if t.outgoing.pending:         # the alert that tells the peer why (best effort)
+                IOHandle.write(self, t.outgoing.read())
+            self._fail(e if isinstance(e, OSError) else _ssllib.SSLError(str(e)))
+            return
+        if t.outgoing.pending:
+            IOHandle.write(self, t.outgoing.read())
+        if self._state != _OPEN:           # writing the last flight failed: peer gone
+            return
+        self._succeed()
+
+    def _succeed(self) -> None:
+        p = self.poller
+        if p._stopping:
+            self._fail(ConnectionAbortedError(errno.ECONNABORTED, "reactor stopped"))
+            return
+        h = self.target
+        try:
+            cls = _tls_class(type(h))
+            h.__class__ = cls
+        except TypeError as e:             # a class layout that cannot be swapped: a bug
+            _log.error("%s: cannot make a TLS handler of %s: %s", _safe_repr(self), type(h).__name__, e)
+            self._fail(ConnectionAbortedError(errno.ECONNABORTED, str(e)))
+            return
+        self.target = None
+        # Leave the poller without closing the socket (as _Connecting._detach);
+        # ciphertext still queued (the server's session tickets) goes with it.
+        self.cancel_timer()
+        if self._mask:
+            p._backend.unregister(self.fd)
+            self._mask = 0
+        if p._handlers.get(self.fd) is self:
+            del p._handlers[self.fd]
+        self._state = _CLOSED
+        t, self._sock = self._sock, None
+        h._wq, h._wq_bytes, self._wq, self._wq_bytes = self._wq, self._wq_bytes, None, 0
+        h._sock = t
+        h.fd = self.fd
+        h.peer = self.peer
+        h.error = None
+        _open_handler(h)
+
+    def _fail(self, err: OSError) -> None:
+        h, self.target = self.target, None
+        if h is None:                      # already settled: exactly one outcome
+            return
+        if self._state != _CLOSED:        # (else on_close is running or will run)
+            self._close_now()              # on_close (below) releases the socket
+        if self._server:
+            _log.debug("TLS handshake with %r failed: %s", self.peer, err)
+            return
+        h.fd = -1
+        h.error = err
+        try:
+            h.on_connect_fail(err)
+        except Exception:
+            _log.exception("exception in on_connect_fail of %s", _safe_repr(h))
+        if h._owner is not None:
+            h._owner._handler_event(h, "failed")
+
+    def on_close(self) -> None:
+        # Closed by the poller (reactor stop, shutdown drain, an error): the
+        # target still gets its one outcome.
+        self.destroy()
+        if self.target is not None:
+            e = self.error if isinstance(self.error, OSError) else None
+            self._fail(e or ConnectionAbortedError(errno.ECONNABORTED, "connection closed during the TLS handshake"))
+
+
+def _check_tls(context: Any, server_side: bool, server_hostname: Optional[str], timeout: Any) -> float:
+    """Fail at the call, not per connection: TypeError for something that is not
+    an SSLContext, ValueError for one that cannot serve this side (a client
+    context on an Acceptor, check_hostname without a server_hostname) or a bad
+    ``ssl_handshake_timeout`` (seconds, > 0; inf: none).  Returns the timeout."""
+    if _ssllib is None:
+        raise RuntimeError("this Python has no ssl module")
+    if not isinstance(context, _ssllib.SSLContext):
+        raise TypeError("ssl must be an ssl.SSLContext, got %r" % (context,))
+    timeout = _check_delay("ssl_handshake_timeout", timeout)
+    if not timeout > 0:
+        raise ValueError("ssl_handshake_timeout must be > 0 seconds, got %r" % (timeout,))
+    context.wrap_bio(_ssllib.MemoryBIO(), _ssllib.MemoryBIO(), server_side=server_side,
+                     server_hostname=server_hostname)
+    return timeout
+
+
+# =============================================================================
+# 12. ConnectPool: a pool of client connections
 # =============================================================================
 # The pool keeps at least ``min_idle`` open, idle connections to one address,
 # adding ``add_step`` at a time and never more than ``max_live``.  All its
@@ -2442,20 +3230,76 @@ class ConnectPool:
 
 
 # =============================================================================
-# 12. Multi-process serving: serve()
+# 13. Multi-process serving: serve()
 # =============================================================================
 # Under the GIL one process runs Python on one core at a time, so a server
 # uses every core with processes.  serve() forks N workers; each builds its
 # own Reactor *after* the fork (a reactor never crosses a fork: its epoll fd,
-# threads and locks would be shared or dead) and its own SO_REUSEPORT
-# listener, so the kernel spreads connections over the workers.  The
-# supervisor holds the port (bound, not listening: it takes no connections),
-# restarts a worker that dies -- with backoff, so a crash loop cannot spin --
-# and turns SIGTERM/SIGINT into a graceful drain of every worker.
+# threads and locks would be shared or dead).  The supervisor restarts a
+# worker that dies -- with backoff, so a crash loop cannot spin -- and turns
+# SIGTERM/SIGINT into a graceful drain of every worker.
+#
+# One listening socket, inherited by every worker.  The supervisor binds and
+# listens once, before the first fork, and never accepts; every worker of
+# every generation registers that same socket in its own epoll (or uses the
+# sockets systemd passed: socket activation is the same picture).  Why not a
+# SO_REUSEPORT listener per worker: each has its own accept queue, and when a
+# worker closes its listener (a reload, a crash) Linux resets the connections
+# waiting in that queue -- refused connections during every reload, unless
+# net.ipv4.tcp_migrate_req=1 (Linux 5.14+, a system-wide sysctl) moves them.
+# With one shared queue a retiring worker just stops polling it: what waits
+# there is accepted by the others, so a reload refuses nothing.  The price is
+# that every worker is woken for each new connection and one wins the
+# accept() (the others get EAGAIN) -- fine for a handful of workers.
+# ``reuse_port=True`` keeps the per-worker REUSEPORT listeners (the supervisor
+# then holds the port bound, not listening), with that caveat.
+#
+# Reload (SIGHUP to the supervisor): a new generation of N workers starts on
+# the same socket; once all of them report ready (one 4-byte pid each on a
+# pipe), the old workers get SIGQUIT: stop accepting at once, let every open
+# connection finish -- closing one now could drop a request already on its
+# way -- for at most ``drain_timeout`` seconds, then exit.  The new workers
+# run ``setup`` again (re-read a configuration there), but the code is the
+# code the supervisor loaded: new code needs a restart (which, with a socket
+# held by systemd, refuses nothing either: see docs_deploying.md).
 
 _RESTART_BACKOFF_MIN = 0.1   # seconds before restarting a worker that died young ...
 _RESTART_BACKOFF_MAX = 5.0   # ... doubling up to this while it keeps dying young
 _WORKER_YOUNG = 1.0          # a worker that ran less than this counts as a crash loop
+_RETIRE_POLL = 0.05          # a retiring worker checks this often whether its connections are gone
+
+
+def _listen_fds(unset: bool = True) -> list:
+    """The listening sockets systemd passed (socket activation, as sd_listen_fds(3)):
+    fds 3 .. 3 + LISTEN_FDS - 1, if LISTEN_PID is this process; [] when there are
+    none.  The variables are removed from the environment (so that a child does
+    not take the fds for its own) and the fds made close-on-exec.  ValueError if
+    one of them is not a listening stream socket."""
+    env = os.environ
+    pid, n = env.get("LISTEN_PID", ""), env.get("LISTEN_FDS", "")
+    if unset:
+        for k in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            env.pop(k, None)
+    if not (pid.isdigit() and n.isdigit()) or int(pid) != os.getpid():
+        return []
+    socks: list = []
+    try:
+        for fd in range(3, 3 + int(n)):
+            os.set_inheritable(fd, False)
+            socks.append(_adopt_listener(fd))
+    except BaseException:
+        for s in socks:
+            s.detach()
+        raise
+    return socks
+
+
+def _sock_address(sock: socket.socket) -> Any:
+    """What ready() reports: (host, port) for TCP, the path for unix sockets."""
+    a = sock.getsockname()
+    if isinstance(a, bytes):
+        return a.decode(errors="replace")
+    return a if isinstance(a, str) else tuple(a[:2])
 
 
 def _listen(reactor: Reactor, addr: Any, factory: Callable[[], IOHandle], reuse_port: bool,
@@ -2472,20 +3316,56 @@ def _listen(reactor: Reactor, addr: Any, factory: Callable[[], IOHandle], reuse_
                       for i in range(1, n)]
 
 
+def _retire(reactor: Reactor, drain_timeout: float) -> None:
+    """SIGQUIT (the old generation of a reload): stop accepting at once, let the
+    open connections end by themselves (their peers close them), and stop once
+    there are none -- or after ``drain_timeout`` s, with ``shutdown()``'s flush.
+    Safe from a signal handler: it only posts."""
+    deadline = _monotonic() + drain_timeout
+
+    def close_listeners() -> None:
+        p = reactor.current_poller()
+        for h in list(p._handlers.values()) if p is not None else ():
+            if isinstance(h, Acceptor):
+                IOHandle.close(h)
+
+    def check() -> None:                      # on poller 0, every _RETIRE_POLL s
+        if any(p._handlers for p in reactor.pollers) and _monotonic() < deadline:
+            reactor.call_later(_RETIRE_POLL, check)
+        else:
+            reactor.shutdown(0.0)
+    reactor.post(close_listeners)
+    reactor.pollers[0]._post(check)
+
+
 def _serve_here(addr: Any, factory: Callable[[], IOHandle], pollers: int, backend: str,
                 drain_timeout: float, reuse_port: bool, ready: Optional[Callable], trace: Optional[bool],
-                setup: Optional[Callable], kw: dict) -> int:
+                setup: Optional[Callable], kw: dict, socks: Optional[list] = None,
+                worker: bool = False) -> int:
     reactor = Reactor(pollers, backend=backend, trace=trace)
     try:
-        acceptors = _listen(reactor, addr, factory, reuse_port, **kw)
+        if socks:        # listening already (systemd's, or the supervisor's): one Acceptor each
+            acceptors = [Acceptor.from_socket(reactor, s, factory, **kw) for s in socks]
+        else:
+            acceptors = _listen(reactor, addr, factory, reuse_port, **kw)
         if setup is not None:
             setup(reactor)
     except BaseException:
         reactor.stop()
         raise
+
+    def hup(*_: Any) -> None:
+        _log.warning("SIGHUP ignored: a reload needs supervised workers (serve(workers=N), --workers N)")
     old = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         old[sig] = signal.signal(sig, lambda *_: reactor.shutdown(drain_timeout))
+    old[signal.SIGQUIT] = signal.signal(signal.SIGQUIT, lambda *_: _retire(reactor, drain_timeout))
+    # In a worker the supervisor handles SIGHUP (a terminal hang-up reaches the
+    # whole process group); SIGQUIT/SIGHUP were blocked since the fork, so a
+    # retire sent while this worker was starting is delivered now.
+    old[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN if worker else hup)
+    if worker:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGQUIT, signal.SIGHUP})
     try:
         if ready is not None:
             ready(acceptors[0].address)
@@ -2497,21 +3377,30 @@ def _serve_here(addr: Any, factory: Callable[[], IOHandle], pollers: int, backen
     return 0
 
 
-def serve(addr: Union[str, tuple], factory: Callable[[], IOHandle], *, workers: int = 1, pollers: int = 1,
-          backend: str = "auto", drain_timeout: float = 10.0, trace: Optional[bool] = None,
+def serve(addr: Union[str, tuple, None], factory: Callable[[], IOHandle], *, workers: int = 1,
+          pollers: int = 1, backend: str = "auto", drain_timeout: float = 10.0, trace: Optional[bool] = None,
           ready: Optional[Callable[[Any], None]] = None, setup: Optional[Callable[[Reactor], None]] = None,
           **acceptor_kw: Any) -> int:
     """Serve ``factory`` handlers on ``addr`` until SIGTERM/SIGINT; returns the exit code (0).
 
     ``workers=1`` serves in this process (``pollers`` threads, one REUSEPORT
     acceptor per poller when pollers > 1).  ``workers=N`` forks N supervised
-    worker processes, each with its own Reactor and SO_REUSEPORT acceptor(s); a
-    worker that dies is restarted (with backoff).  On SIGTERM/SIGINT every
-    worker stops accepting, lets open connections flush their queued writes
-    (``Reactor.shutdown``, at most ``drain_timeout`` s) and exits 0.
+    worker processes, each with its own Reactor, all accepting from one
+    listening socket made here; a worker that dies is restarted (with backoff).
+    On SIGTERM/SIGINT every worker stops accepting, lets open connections flush
+    their queued writes (``Reactor.shutdown``, at most ``drain_timeout`` s) and
+    exits 0.  SIGHUP (workers=N) reloads with zero downtime: a new generation
+    of workers starts, then the old one stops accepting and lets its
+    connections finish (at most ``drain_timeout`` s); no connection attempt is
+    refused meanwhile.  SIGQUIT alone does that retirement (stop accepting,
+    finish the connections, exit).
+    Socket activation: if systemd passed listening sockets (LISTEN_PID/LISTEN_FDS,
+    fds from 3) they are served instead of binding, and ``addr`` is ignored
+    (it may be None).
     ``setup(reactor)`` runs in each worker before serving (timers, caches);
     ``ready(address)`` is called once listening (in the supervisor for N > 1).
-    Other keywords go to Acceptor.  Main thread only (it installs signal handlers).
+    Other keywords go to Acceptor (``proxy_protocol=True``, ``ssl=``, ...).
+    Main thread only (it installs signal handlers).
     """
     _check_int("workers", workers, 1)
     _check_int("pollers", pollers, 1)
@@ -2519,27 +3408,34 @@ def serve(addr: Union[str, tuple], factory: Callable[[], IOHandle], *, workers: 
     _pick_backend(backend)
     if not callable(factory):
         raise TypeError("factory must be callable, got %r" % (factory,))
-    reuse_port = bool(acceptor_kw.pop("reuse_port", workers > 1))
+    socks = _listen_fds()
+    if not socks and addr is None:
+        raise ValueError("addr is required (systemd passed no listening sockets: LISTEN_FDS)")
+    reuse_port = acceptor_kw.pop("reuse_port", None)
     if workers == 1:
-        return _serve_here(addr, factory, pollers, backend, drain_timeout, reuse_port, ready,
-                           trace, setup, acceptor_kw)
+        return _serve_here(addr, factory, pollers, backend, drain_timeout, bool(reuse_port), ready,
+                           trace, setup, acceptor_kw, socks)
     return _Supervisor(addr, factory, workers, pollers, backend, drain_timeout, trace, ready,
-                       setup, acceptor_kw).run()
+                       setup, acceptor_kw, socks, bool(reuse_port)).run()
 
 
 class _Supervisor:
-    """Forks, watches and restarts the workers of serve(); signal-driven, no threads."""
+    """Forks, watches, restarts and reloads the workers of serve(); signal-driven, no threads."""
 
     def __init__(self, addr: Any, factory: Callable, workers: int, pollers: int, backend: str,
                  drain_timeout: float, trace: Optional[bool], ready: Optional[Callable],
-                 setup: Optional[Callable], kw: dict) -> None:
+                 setup: Optional[Callable], kw: dict, socks: list, reuse_port: bool) -> None:
         self.factory, self.workers, self.pollers, self.backend = factory, workers, pollers, backend
         self.drain_timeout, self.trace, self.ready, self.setup, self.kw = drain_timeout, trace, ready, setup, kw
-        family, sockaddr = parse_address(addr)
+        self.socks = socks                        # the listening sockets every worker inherits
         self._hold = None
-        if family == socket.AF_UNIX:
-            self.addr = addr
-        else:
+        self._unix_path = None
+        if socks:                                 # systemd's
+            self.addr = _sock_address(socks[0])
+        elif reuse_port:
+            family, sockaddr = parse_address(addr)
+            if family == socket.AF_UNIX:
+                raise ValueError("reuse_port does not apply to unix sockets: %r" % (addr,))
             # Hold the port: bound with SO_REUSEPORT but not listening, so it takes
             # no connections, port 0 resolves once, and nobody else can take it.
             hold = socket.socket(family, socket.SOCK_STREAM)
@@ -2552,11 +3448,23 @@ class _Supervisor:
                 raise
             self._hold = hold
             self.addr = hold.getsockname()[:2]
-        # Workers write one byte here once they listen; ready() waits for all of them.
+        else:
+            family, sockaddr = parse_address(addr)
+            sock = _bound_listener(family, sockaddr, kw.get("backlog", 512), kw.get("reuse_addr", True),
+                                   False, kw.get("rcvbuf", 0))
+            self.socks = [sock]
+            if family == socket.AF_UNIX and not sockaddr.startswith("\0"):
+                self._unix_path = sockaddr
+            self.addr = _sock_address(sock)
+        # Workers write their pid (4 bytes: one atomic pipe write) here once they listen.
         self._ready_r, self._ready_w = os.pipe()
         os.set_blocking(self._ready_r, False)
-        self._ready_count = 0
-        self.children: dict = {}                  # pid -> (slot, start time)
+        self._ready_buf = b""
+        self._ready: set = set()                  # pids that reported ready
+        self._announced = False                   # ready() called (the first generation)
+        self.gen = 0                              # the current generation; SIGHUP adds one
+        self.children: dict = {}                  # pid -> (slot, start time, generation)
+        self._retiring: dict = {}                 # pid -> when to SIGKILL it
         self.backoff = [_RESTART_BACKOFF_MIN] * workers
         self.restart_at: dict = {}                # slot -> monotonic time
 
@@ -2565,24 +3473,40 @@ class _Supervisor:
         if pid == 0:                                              # the worker
             code = 1
             try:
-                signal.pthread_sigmask(signal.SIG_SETMASK, self._oldmask)
-                for sig in (signal.SIGCHLD, signal.SIGHUP):
-                    signal.signal(sig, signal.SIG_DFL)
+                # SIGQUIT (retire) and SIGHUP stay blocked until _serve_here has its handlers.
+                signal.pthread_sigmask(signal.SIG_SETMASK,
+                                       set(self._oldmask) | {signal.SIGQUIT, signal.SIGHUP})
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 if self._hold is not None:
                     self._hold.close()
                 os.close(self._ready_r)
+                me = os.getpid().to_bytes(4, "little")
                 code = _serve_here(self.addr, self.factory, self.pollers, self.backend,
-                                   self.drain_timeout, True, lambda _: os.write(self._ready_w, b"r"),
-                                   self.trace, self.setup, self.kw)
+                                   self.drain_timeout, True, lambda _: os.write(self._ready_w, me),
+                                   self.trace, self.setup, self.kw, self.socks, worker=True)
             except BaseException:
                 _log.critical("worker %d crashed", os.getpid(), exc_info=True)
             finally:
                 logging.shutdown()
                 os._exit(code)
-        self.children[pid] = (slot, _monotonic())
+        self.children[pid] = (slot, _monotonic(), self.gen)
+
+    def _read_ready(self) -> None:
+        try:
+            self._ready_buf += os.read(self._ready_r, 4096)
+        except BlockingIOError:
+            return
+        buf = self._ready_buf
+        n = len(buf) - len(buf) % 4
+        self._ready.update(int.from_bytes(buf[i:i + 4], "little") for i in range(0, n, 4))
+        self._ready_buf = buf[n:]
+
+    def _generation_ready(self) -> bool:
+        return sum(1 for pid, c in self.children.items() if c[2] == self.gen and pid in self._ready) \
+            >= self.workers
 
     def run(self) -> int:
-        sigs = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
+        sigs = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
         self._oldmask = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
         stopping = False
         kill_at = None
@@ -2590,27 +3514,45 @@ class _Supervisor:
             for slot in range(self.workers):
                 self._spawn(slot)
             while self.children or (not stopping and self.restart_at):
-                waiting = self._ready_count < self.workers
+                waiting = not self._generation_ready() or any(
+                    c[2] < self.gen and pid not in self._retiring for pid, c in self.children.items())
                 info = signal.sigtimedwait(sigs, 0.02 if waiting else 0.2)
-                if waiting:
-                    try:
-                        self._ready_count += len(os.read(self._ready_r, 64))
-                    except BlockingIOError:
-                        pass
-                    if self._ready_count >= self.workers and self.ready is not None:
-                        self.ready(self.addr)
-                if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT) and not stopping:
+                self._read_ready()
+                if not stopping and self._generation_ready():
+                    if not self._announced:
+                        self._announced = True
+                        if self.ready is not None:
+                            self.ready(self.addr)
+                    # The new generation listens: the older ones stop accepting and drain.
+                    for pid, (_, _, gen) in self.children.items():
+                        if gen < self.gen and pid not in self._retiring:
+                            os.kill(pid, signal.SIGQUIT)
+                            self._retiring[pid] = _monotonic() + self.drain_timeout + 5.0
+                signo = None if info is None else info.si_signo
+                if signo in (signal.SIGTERM, signal.SIGINT) and not stopping:
                     stopping = True
                     kill_at = _monotonic() + self.drain_timeout + 5.0
                     self.restart_at.clear()
                     for pid in self.children:
                         os.kill(pid, signal.SIGTERM)
+                elif signo == signal.SIGHUP and not stopping:
+                    self.gen += 1
+                    self.restart_at.clear()           # slots of the old generation: not refilled
+                    _log.info("reload: starting worker generation %d", self.gen)
+                    for slot in range(self.workers):
+                        self._spawn(slot)
                 self._reap(stopping)
                 now = _monotonic()
                 for slot, when in list(self.restart_at.items()):
                     if now >= when:
                         del self.restart_at[slot]
                         self._spawn(slot)
+                for pid, when in list(self._retiring.items()):
+                    if pid not in self.children:
+                        del self._retiring[pid]
+                    elif now > when:                  # a connection that never ends
+                        os.kill(pid, signal.SIGKILL)
+                        del self._retiring[pid]
                 if kill_at is not None and now > kill_at:
                     for pid in self.children:
                         os.kill(pid, signal.SIGKILL)
@@ -2625,6 +3567,13 @@ class _Supervisor:
             signal.pthread_sigmask(signal.SIG_SETMASK, self._oldmask)
             if self._hold is not None:
                 self._hold.close()
+            for s in self.socks:
+                s.close()
+            if self._unix_path:
+                try:
+                    os.unlink(self._unix_path)
+                except OSError:
+                    pass
             os.close(self._ready_r)
             os.close(self._ready_w)
         return 0
@@ -2639,8 +3588,9 @@ class _Supervisor:
                 return
             if pid not in self.children:
                 continue
-            slot, started = self.children.pop(pid)
-            if stopping:
+            slot, started, gen = self.children.pop(pid)
+            self._ready.discard(pid)
+            if stopping or gen < self.gen:            # stopping, or retired by a reload
                 continue
             lived = _monotonic() - started
             if lived < _WORKER_YOUNG:
@@ -2653,7 +3603,7 @@ class _Supervisor:
 
 
 # =============================================================================
-# 13. The command line: python -m goev echo|http ADDR
+# 14. The command line: python -m goev echo|http ADDR
 # =============================================================================
 # The CLI is a thin user of the public API and doubles as the worked example
 # that closes the tour: an echo handler and a keep-alive HTTP handler with an
@@ -2793,23 +3743,45 @@ def _main(argv: Optional[list] = None) -> int:           # pragma: no cover - ru
     for name, helptext in (("echo", "a TCP echo server"),
                            ("http", 'a keep-alive HTTP/1.1 "Hello, World!" server (pipelining)')):
         sp = sub.add_parser(name, help=helptext, description="Run %s on ADDR." % helptext)
-        sp.add_argument("addr", metavar="ADDR",
-                        help='":8080", "127.0.0.1:8080", "[::1]:8080", "unix:/path"')
+        sp.add_argument("addr", metavar="ADDR", nargs="?",
+                        help='":8080", "127.0.0.1:8080", "[::1]:8080", "unix:/path"; omitted (or '
+                             'ignored) when systemd passes the listening socket (socket activation)')
         sp.add_argument("--pollers", type=int, default=1, metavar="N", help="poller threads per process (default 1)")
         sp.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (default 1)")
         sp.add_argument("--backend", default="auto", help="auto (default), epoll or selectors")
         sp.add_argument("--trace", action="store_true", default=None,
                         help="print every step of the loop to stderr (teaching)")
+        sp.add_argument("--tls-cert", metavar="CERT", help="serve TLS with this PEM certificate (chain)")
+        sp.add_argument("--tls-key", metavar="KEY", help="its PEM private key (default: in CERT)")
+        sp.add_argument("--proxy-protocol", action="store_true",
+                        help="expect a PROXY protocol v1/v2 header (HAProxy send-proxy) on every connection")
+        sp.epilog = ("SIGTERM/SIGINT: drain and stop.  With --workers N, SIGHUP reloads with zero "
+                     "downtime (a new generation of workers, then the old one drains).")
     args = parser.parse_args(argv)
     factory, setup = (_EchoHandler, None) if args.cmd == "echo" else (_HttpHandler, _http_setup)
+    kw = {}
+    if args.tls_key and not args.tls_cert:
+        parser.error("--tls-key needs --tls-cert")
+    if args.tls_cert:
+        if _ssllib is None:
+            parser.error("this Python has no ssl module")
+        ctx = _ssllib.SSLContext(_ssllib.PROTOCOL_TLS_SERVER)
+        try:
+            ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ValueError) as e:     # ssl.SSLError is an OSError
+            print("goev: cannot load the TLS certificate/key %s: %s" % (args.tls_cert, e), file=sys.stderr)
+            return 2
+        kw["ssl"] = ctx
 
     def ready(address: Any) -> None:
-        print("goev %s: %s server on %s (%d worker%s x %d poller%s, %s)" % (
-            __version__, args.cmd, address, args.workers, "s" * (args.workers > 1), args.pollers,
-            "s" * (args.pollers > 1), _pick_backend(args.backend).name), file=sys.stderr, flush=True)
+        print("goev %s: %s%s server on %s (%d worker%s x %d poller%s, %s)" % (
+            __version__, args.cmd, " (TLS)" if "ssl" in kw else "", address, args.workers, "s" * (args.workers > 1),
+            args.pollers, "s" * (args.pollers > 1), _pick_backend(args.backend).name), file=sys.stderr, flush=True)
+    if args.proxy_protocol:
+        kw["proxy_protocol"] = True
     try:
         return serve(args.addr, factory, workers=args.workers, pollers=args.pollers, backend=args.backend,
-                     trace=args.trace, ready=ready, setup=setup)
+                     trace=args.trace, ready=ready, setup=setup, **kw)
     except (TypeError, ValueError) as e:
         print("goev: %s" % e, file=sys.stderr)
     except OSError as e:
