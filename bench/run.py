@@ -689,15 +689,17 @@ def tables_markdown(summary, servers):
                     fmt_ratio(g and g["value"], r["value"]),
                     fmt_ratio(g and g.get("user_us"), r.get("user_us"))))
         notes = []
+        dist = ["%s %d/%d" % (srv, rows[srv]["disturbed"], rows[srv]["runs"])
+                for srv in servers if srv in rows and rows[srv].get("disturbed")]
+        if dist:
+            notes.append("disturbed measurements (other processes took > 30%% of a pinned CPU): %s"
+                         % ", ".join(dist))
         for srv in servers:
             r = rows.get(srv)
             if not r:
                 continue
             if r["failed"]:
                 notes.append("%s: %d of %d runs failed" % (srv, r["failed"], r["failed"] + r["runs"]))
-            if r.get("disturbed"):
-                notes.append("%s: %d of %d measurements disturbed (other processes took > 30%% of a pinned CPU)"
-                             % (srv, r["disturbed"], r["runs"]))
             if r["errors"]:
                 notes.append("%s: %d client-side errors (failed connections or bad responses)" % (srv, r["errors"]))
             for n in r["notes"]:
@@ -899,7 +901,15 @@ def main(argv=None):
                          "measurement (up to --quiet-wait s) and repeats a disturbed one once, time "
                          "budget permitting (default 0.3; 1 disables)")
     ap.add_argument("--quiet-wait", type=float, default=4.0, help="seconds to wait for quiet CPUs (default 4)")
+    ap.add_argument("--from-json", metavar="PATH",
+                    help="measure nothing: rewrite RESULTS.md and results.svg from a results.json")
     a = ap.parse_args(argv)
+    if a.from_json:
+        with open(a.from_json) as f:
+            d = json.load(f)
+        write_report(d["results"], d["info"]["servers"], d["notes"], d["info"], d["command"],
+                     d["info"].get("wall", 0.0), write_files=not a.no_write)
+        return 0
     dur = a.duration or (2.0 if a.quick else 5.0)
     runs = a.runs or (1 if a.quick else 3)
     if dur <= 0 or dur > 60 or runs < 1 or runs > 20:
@@ -1024,6 +1034,7 @@ def main(argv=None):
         reap_all()
     wall = time.monotonic() - t_start
     notes.extend(budget_note)
+    info["wall"] = round(wall)
     write_report(results, servers, notes, info, args_line, wall, write_files=not a.no_write)
     return 0
 
