@@ -477,7 +477,7 @@ _WHEN = operator.itemgetter(0)      # sort keys of heap entries (see _Poller._ru
 _SEQ = operator.itemgetter(1)
 
 
-def _heap_push(heap: list, item: tuple) -> None:
+def _heap_push(heap: list, item: list) -> None:
     heap.append(item)
     i = len(heap) - 1
     while i:
@@ -491,7 +491,7 @@ def _heap_push(heap: list, item: tuple) -> None:
     heap[i] = item
 
 
-def _heap_pop(heap: list) -> tuple:
+def _heap_pop(heap: list) -> list:
     last = heap.pop()
     if not heap:
         return last
@@ -556,13 +556,9 @@ class Timer(list):
         now) may still be running; any later one will not start."""
         if self[2] is not None:
             self[2] = self[3] = None          # fn first: the poller reads args first
-            p = self[4]
-            # The dead-entry count belongs to the poller thread (compaction reads
-            # it); another thread posts its increment rather than race it.
-            if p._tid == _get_ident() or not p.reactor._started:
-                p._timers_dead += 1
-            else:
-                p._post(p._count_dead)
+            # Counted for compaction (see _Poller._timers_dead).  list.append is
+            # atomic, so any thread counts without a lock or a post to the poller.
+            self[4]._cancels.append(None)
 
     @property
     def cancelled(self) -> bool:
@@ -891,7 +887,8 @@ class IOHandle:
             self.on_close()
         except Exception:
             _log.exception("exception in on_close of %s", _safe_repr(self))
-        self.destroy()
+        finally:                           # also on KeyboardInterrupt: the fd is closed
+            self.destroy()
         if self._owner is not None:
             self._owner._handler_event(self, "closed")
 
@@ -1055,7 +1052,8 @@ class _Poller:
         self._handlers: dict = {}           # fd -> IOHandle
         self._closing: list = []            # handlers closed this step: on_close pending
         self._timers: list = []             # the 4-ary heap of (when, seq, Timer)
-        self._timers_dead = 0
+        self._cancels: list = []            # one item per Timer.cancel(), any thread (append is atomic)
+        self._timers_gone = 0               # cancelled entries that have left the heap (poller thread)
         self._seq = 0
         self._inbox: collections.deque = collections.deque()
         self._wake_pending = False
@@ -1128,8 +1126,9 @@ class _Poller:
 
     # -- timers -------------------------------------------------------------------
     # The heap belongs to the poller thread.  Other threads post their pushes
-    # (and the bookkeeping of their cancels) through the inbox; before the
-    # reactor has started no loop runs, so any thread may push directly.
+    # through the inbox (a cancel only clears the Timer and appends to
+    # _cancels); before the reactor has started no loop runs, so any thread
+    # may push directly.
 
     def _call_at(self, when: float, interval: float, fn: Callable, args: tuple) -> Timer:
         """A Timer for ``fn(*args)`` at monotonic ``when``, then every ``interval``
@@ -1153,9 +1152,14 @@ class _Poller:
         t[1] = self._seq
         _heap_push(self._timers, t)
 
-    def _count_dead(self) -> None:
-        """Posted by Timer.cancel() from another thread."""
-        self._timers_dead += 1
+    @property
+    def _timers_dead(self) -> int:
+        """Cancelled entries in the heap (or posted on their way to it): cancels
+        counted minus cancelled entries gone (popped, skipped or compacted).
+        Exact, except that a cancel from another thread racing the very firing of
+        a one-shot counts a timer that never stays in the heap (harmless: the
+        next compaction comes a little early)."""
+        return len(self._cancels) - self._timers_gone
 
     def call_later(self, delay_s: float, fn: Callable, *args: Any) -> Timer:
         """Run ``fn(*args)`` on this poller's thread after ``delay_s`` seconds (>= 0;
@@ -1173,18 +1177,20 @@ class _Poller:
             self._post(self._push_timer, t)
             return t
         self._seq = seq = self._seq + 1
-        item = t = Timer((_monotonic() + delay_s, seq, fn, args, self, 0.0))
+        when = _monotonic() + delay_s
+        t = Timer((when, seq, fn, args, self, 0.0))
         heap = self._timers
-        heap.append(item)
+        heap.append(t)
         i = len(heap) - 1
         while i:
-            parent = heap[(i - 1) >> 2]
-            if item < parent:
+            p = (i - 1) >> 2
+            parent = heap[p]
+            if when < parent[0]:               # the newest seq loses every tie: deadlines decide
                 heap[i] = parent
-                i = (i - 1) >> 2
+                i = p
             else:
                 break
-        heap[i] = item
+        heap[i] = t
         return t
 
     def _run_timers(self, now: float) -> None:
@@ -1217,7 +1223,7 @@ class _Poller:
                 args = t[3]                    # args first: cancel() clears fn first
                 fn = t[2]
                 if fn is None:                 # cancelled (perhaps by an earlier timer)
-                    self._timers_dead -= 1
+                    self._timers_gone += 1
                     continue
                 if not t[5]:
                     t[2] = t[3] = None         # one-shot: release the callback before running it
@@ -1265,7 +1271,7 @@ class _Poller:
         not accumulated: no drift); after a stall the missed periods are skipped,
         not fired in a burst."""
         if t[2] is None:                       # cancelled by its own callback (out of the heap)
-            self._timers_dead -= 1
+            self._timers_gone += 1
             return
         if keep is False:
             t[2] = t[3] = None
@@ -1291,22 +1297,30 @@ class _Poller:
         """Drop the cancelled entries: O(n), paid for by the n/2 cancels since the
         last compaction, so schedule/cancel churn cannot grow memory."""
         heap = self._timers
+        n = len(heap)
         heap[:] = [t for t in heap if t[2] is not None]
         _heapify(heap)
-        self._timers_dead = 0
+        # Not a reset to 0: timers cancelled on their way here (a posted push)
+        # are counted already and still to come.
+        self._timers_gone += n - len(heap)
 
     def _timeout(self) -> float:
         """Seconds until the next live timer, 0 if work is queued, -1 for none.
         Once per pass, on the poller thread: also where the heap is compacted."""
         heap = self._timers
-        dead = self._timers_dead
+        gone = self._timers_gone
+        dead = len(self._cancels) - gone
         if dead > _COMPACT_MIN and dead * 2 > len(heap):
             self._compact()
+        gone = self._timers_gone
+        if gone > 4096:                          # keep the cancel log short: drop what
+            del self._cancels[:gone]             # both sides have counted
+            self._timers_gone = 0
         if self._inbox or self._closing:
             return 0.0
         while heap and heap[0][2] is None:       # cancelled heads must not wake us
             _heap_pop(heap)
-            self._timers_dead -= 1
+            self._timers_gone += 1
         if not heap:
             return -1.0
         when = heap[0][0]
@@ -1377,8 +1391,12 @@ class _Poller:
         while closing:
             batch = closing[:]
             del closing[:]
-            for h in batch:
-                h._finish_close()
+            for i, h in enumerate(batch):
+                try:
+                    h._finish_close()
+                except BaseException:       # KeyboardInterrupt from an on_close: the rest
+                    closing[:0] = batch[i + 1:]     # of the batch still gets theirs later
+                    raise
 
     # -- the loop -------------------------------------------------------------------
 
@@ -1444,6 +1462,17 @@ class _Poller:
         if self._done:
             return
         self._done = True
+        try:
+            self._close_all_steps()
+        except BaseException:
+            # KeyboardInterrupt/SystemExit from an on_close (or posted work): finish
+            # the shutdown first -- handlers already closed are skipped -- then let
+            # it through.  Each retry gets past the callback that raised.
+            self._done = False
+            self._close_all()
+            raise
+
+    def _close_all_steps(self) -> None:
         self._drain_inbox_for_stop()
         for h in list(self._handlers.values()):
             if h._state != _CLOSED:
@@ -1465,7 +1494,8 @@ class _Poller:
         for t in self._timers:
             t[2] = t[3] = None
         self._timers.clear()
-        self._timers_dead = 0
+        self._cancels.clear()
+        self._timers_gone = 0
         self._backend.close()
         self._waker.close()
         self._handlers.clear()
@@ -2761,12 +2791,17 @@ class _TLSMixin(IOHandle):
             if incoming.pending or t.buffered():
                 decrypt = t.decrypt
                 try:
-                    while got < size:
+                    while True:
                         n = decrypt(size - got, view[got:])
                         if not n:                  # the peer's close_notify: clean end
                             t.eof = True
                             break
                         got += n
+                        # Stop when nothing is left rather than let the next call
+                        # raise SSLWantReadError: building that exception costs
+                        # more than the decryption of a small record.
+                        if got >= size or not (incoming.pending or t.buffered()):
+                            break
                 except _ssllib.SSLWantReadError:   # a partial record: wait for more
                     pass
                 except _ssllib.SSLZeroReturnError:
@@ -3043,11 +3078,21 @@ def _check_tls(context: Any, server_side: bool, server_hostname: Optional[str], 
         raise RuntimeError("this Python has no ssl module")
     if not isinstance(context, _ssllib.SSLContext):
         raise TypeError("ssl must be an ssl.SSLContext, got %r" % (context,))
+    wrong = _ssllib.PROTOCOL_TLS_CLIENT if server_side else _ssllib.PROTOCOL_TLS_SERVER
+    if context.protocol == wrong:          # (Python 3.9 would only fail at the handshake)
+        raise ValueError("ssl context is a %s context; this side needs %s"
+                         % (wrong.name, "PROTOCOL_TLS_SERVER" if server_side else "PROTOCOL_TLS_CLIENT"))
+    if not server_side and context.check_hostname and not server_hostname:
+        raise ValueError("the ssl context checks host names: give server_hostname=")
     timeout = _check_delay("ssl_handshake_timeout", timeout)
     if not timeout > 0:
         raise ValueError("ssl_handshake_timeout must be > 0 seconds, got %r" % (timeout,))
-    context.wrap_bio(_ssllib.MemoryBIO(), _ssllib.MemoryBIO(), server_side=server_side,
-                     server_hostname=server_hostname)
+    try:
+        context.wrap_bio(_ssllib.MemoryBIO(), _ssllib.MemoryBIO(), server_side=server_side,
+                         server_hostname=server_hostname)
+    except _ssllib.SSLError as e:          # "Cannot create a server socket with a PROTOCOL_TLS_CLIENT context"
+        raise ValueError("ssl context cannot serve the %s side: %s"
+                         % ("server" if server_side else "client", e)) from None
     return timeout
 
 
@@ -3239,20 +3284,22 @@ class ConnectPool:
 # worker that dies -- with backoff, so a crash loop cannot spin -- and turns
 # SIGTERM/SIGINT into a graceful drain of every worker.
 #
-# One listening socket, inherited by every worker.  The supervisor binds and
-# listens once, before the first fork, and never accepts; every worker of
-# every generation registers that same socket in its own epoll (or uses the
-# sockets systemd passed: socket activation is the same picture).  Why not a
-# SO_REUSEPORT listener per worker: each has its own accept queue, and when a
-# worker closes its listener (a reload, a crash) Linux resets the connections
-# waiting in that queue -- refused connections during every reload, unless
-# net.ipv4.tcp_migrate_req=1 (Linux 5.14+, a system-wide sysctl) moves them.
-# With one shared queue a retiring worker just stops polling it: what waits
-# there is accepted by the others, so a reload refuses nothing.  The price is
-# that every worker is woken for each new connection and one wins the
-# accept() (the others get EAGAIN) -- fine for a handful of workers.
-# ``reuse_port=True`` keeps the per-worker REUSEPORT listeners (the supervisor
-# then holds the port bound, not listening), with that caveat.
+# Listening sockets belong to the supervisor, one per worker *slot*.  The
+# supervisor binds N SO_REUSEPORT listeners on the port before the first fork
+# (port 0 resolves once: the others join the port the first got) and never
+# accepts; the worker in slot i -- and every later worker in that slot, after
+# a crash or a reload -- serves listener i.  So each worker has its own accept
+# queue and the kernel spreads connections over the workers (the REUSEPORT
+# pattern: no thundering herd), yet no queue is ever closed while the server
+# runs.  That matters: when the last holder of a REUSEPORT listener closes it,
+# Linux resets the connections waiting in its queue (unless the system-wide
+# net.ipv4.tcp_migrate_req=1, Linux 5.14+, moves them), which per-worker
+# listeners would do at every crash and every reload.  Here a dead worker's
+# connections simply wait in its queue for the replacement, and a retiring
+# worker only stops polling a queue its successor already polls.
+# ``reuse_port=False`` shares one listener among all workers instead (every
+# worker is woken for each connection, one wins the accept); unix sockets
+# and the sockets systemd passed (socket activation) are always shared.
 #
 # Reload (SIGHUP to the supervisor): a new generation of N workers starts on
 # the same socket; once all of them report ready (one 4-byte pid each on a
@@ -3385,8 +3432,10 @@ def serve(addr: Union[str, tuple, None], factory: Callable[[], IOHandle], *, wor
 
     ``workers=1`` serves in this process (``pollers`` threads, one REUSEPORT
     acceptor per poller when pollers > 1).  ``workers=N`` forks N supervised
-    worker processes, each with its own Reactor, all accepting from one
-    listening socket made here; a worker that dies is restarted (with backoff).
+    worker processes, each with its own Reactor and its own SO_REUSEPORT
+    listener (held by the supervisor across restarts and reloads, so no
+    queued connection is ever reset); a worker that dies is restarted (with
+    backoff).
     On SIGTERM/SIGINT every worker stops accepting, lets open connections flush
     their queued writes (``Reactor.shutdown``, at most ``drain_timeout`` s) and
     exits 0.  SIGHUP (workers=N) reloads with zero downtime: a new generation
@@ -3416,7 +3465,7 @@ def serve(addr: Union[str, tuple, None], factory: Callable[[], IOHandle], *, wor
         return _serve_here(addr, factory, pollers, backend, drain_timeout, bool(reuse_port), ready,
                            trace, setup, acceptor_kw, socks)
     return _Supervisor(addr, factory, workers, pollers, backend, drain_timeout, trace, ready,
-                       setup, acceptor_kw, socks, bool(reuse_port)).run()
+                       setup, acceptor_kw, socks, reuse_port).run()
 
 
 class _Supervisor:
@@ -3424,38 +3473,30 @@ class _Supervisor:
 
     def __init__(self, addr: Any, factory: Callable, workers: int, pollers: int, backend: str,
                  drain_timeout: float, trace: Optional[bool], ready: Optional[Callable],
-                 setup: Optional[Callable], kw: dict, socks: list, reuse_port: bool) -> None:
+                 setup: Optional[Callable], kw: dict, socks: list, reuse_port: Optional[bool]) -> None:
         self.factory, self.workers, self.pollers, self.backend = factory, workers, pollers, backend
         self.drain_timeout, self.trace, self.ready, self.setup, self.kw = drain_timeout, trace, ready, setup, kw
-        self.socks = socks                        # the listening sockets every worker inherits
-        self._hold = None
         self._unix_path = None
-        if socks:                                 # systemd's
-            self.addr = _sock_address(socks[0])
-        elif reuse_port:
-            family, sockaddr = parse_address(addr)
-            if family == socket.AF_UNIX:
-                raise ValueError("reuse_port does not apply to unix sockets: %r" % (addr,))
-            # Hold the port: bound with SO_REUSEPORT but not listening, so it takes
-            # no connections, port 0 resolves once, and nobody else can take it.
-            hold = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                hold.bind(sockaddr)
-            except BaseException:
-                hold.close()
-                raise
-            self._hold = hold
-            self.addr = hold.getsockname()[:2]
+        if socks:                                 # systemd's: shared by every slot
+            self.slot_socks = [socks] * workers
         else:
             family, sockaddr = parse_address(addr)
-            sock = _bound_listener(family, sockaddr, kw.get("backlog", 512), kw.get("reuse_addr", True),
-                                   False, kw.get("rcvbuf", 0))
-            self.socks = [sock]
+            per_slot = reuse_port is not False and family != socket.AF_UNIX
+            listen_kw = (kw.get("backlog", 512), kw.get("reuse_addr", True), per_slot, kw.get("rcvbuf", 0))
+            first = _bound_listener(family, sockaddr, *listen_kw)
+            socks = [first]
+            try:
+                if per_slot:                      # the others join the port the first got
+                    sockaddr = first.getsockname()
+                    socks += [_bound_listener(family, sockaddr, *listen_kw) for _ in range(workers - 1)]
+            except BaseException:
+                for s in socks:
+                    s.close()
+                raise
+            self.slot_socks = [[s] for s in socks] if per_slot else [socks] * workers
             if family == socket.AF_UNIX and not sockaddr.startswith("\0"):
                 self._unix_path = sockaddr
-            self.addr = _sock_address(sock)
+        self.addr = _sock_address(self.slot_socks[0][0])
         # Workers write their pid (4 bytes: one atomic pipe write) here once they listen.
         self._ready_r, self._ready_w = os.pipe()
         os.set_blocking(self._ready_r, False)
@@ -3477,13 +3518,16 @@ class _Supervisor:
                 signal.pthread_sigmask(signal.SIG_SETMASK,
                                        set(self._oldmask) | {signal.SIGQUIT, signal.SIGHUP})
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                if self._hold is not None:
-                    self._hold.close()
+                mine = self.slot_socks[slot]
+                for other in self.slot_socks:     # other slots' listeners are not ours to poll
+                    for s in other:
+                        if s not in mine:
+                            s.close()
                 os.close(self._ready_r)
                 me = os.getpid().to_bytes(4, "little")
                 code = _serve_here(self.addr, self.factory, self.pollers, self.backend,
                                    self.drain_timeout, True, lambda _: os.write(self._ready_w, me),
-                                   self.trace, self.setup, self.kw, self.socks, worker=True)
+                                   self.trace, self.setup, self.kw, mine, worker=True)
             except BaseException:
                 _log.critical("worker %d crashed", os.getpid(), exc_info=True)
             finally:
@@ -3565,10 +3609,9 @@ class _Supervisor:
                 except OSError:
                     pass
             signal.pthread_sigmask(signal.SIG_SETMASK, self._oldmask)
-            if self._hold is not None:
-                self._hold.close()
-            for s in self.socks:
-                s.close()
+            for socks in self.slot_socks:
+                for s in socks:
+                    s.close()
             if self._unix_path:
                 try:
                     os.unlink(self._unix_path)
