@@ -581,7 +581,8 @@ def test_cancel_releases_callback_and_args(make_reactor):
 
 def test_cross_thread_cancel_bookkeeping(make_reactor):
     """Timers scheduled and cancelled from several other threads while the poller
-    runs: none runs, the dead-entry count covers the heap's, compaction frees them."""
+    runs: none runs, the dead-entry count matches the heap, compaction frees them
+    (also when it runs while cancelled timers are still on their way in)."""
     r = make_reactor(1)
     r.start()
     p = r.pollers[0]
@@ -599,12 +600,41 @@ def test_cross_thread_cancel_bookkeeping(make_reactor):
     for t in ths:
         t.join()
     _on_poller(r, lambda: None)                       # posts are FIFO: all applied now
-    # the count may only over-estimate (an increment arriving after a compaction)
-    assert _on_poller(r, lambda: p._timers_dead >= _dead_entries(p))
+    # every posted push has landed: the count is exact (nothing fired, so no race)
+    assert _on_poller(r, lambda: p._timers_dead == _dead_entries(p))
     # compaction (over half of the heap dead) leaves the live one
     wait_until(lambda: _on_poller(r, lambda: len(p._timers)) == 1, what="compaction")
     assert _on_poller(r, lambda: p._timers_dead) >= 0
     assert ran == [] and not keep.cancelled
+    keep.cancel()
+
+
+def test_compaction_while_cancelled_timers_are_on_their_way(make_reactor):
+    """Timers scheduled and cancelled from another thread while the poller is
+    busy: their cancels are counted before their (posted) pushes land, and a
+    compaction in between must not forget them (regression: the count was
+    reset to 0 there, and the dead entries arriving next were never counted)."""
+    r = make_reactor(1)
+    r.start()
+    p = r.pollers[0]
+    keep = r.call_later(100, lambda: None)
+    _on_poller(r, lambda: None)
+    release = threading.Event()
+    busy = threading.Event()
+
+    def block():
+        busy.set()
+        release.wait(WAIT)
+    p._post(block)
+    assert busy.wait(WAIT)
+    ts = [r.call_later(200 + i, lambda: None) for i in range(500)]   # posted behind block()
+    for t in ts:
+        t.cancel()
+    release.set()
+    _on_poller(r, lambda: None)            # every push has landed (and a compaction ran first)
+    assert _on_poller(r, lambda: p._timers_dead == _dead_entries(p))
+    wait_until(lambda: _on_poller(r, lambda: len(p._timers)) == 1, what="compaction")
+    assert _on_poller(r, lambda: p._timers_dead) == 0
     keep.cancel()
 
 
