@@ -445,3 +445,17 @@ def test_example_http_hello_curl_and_wrk(hello_server):
     assert r.returncode == 0, r.stderr
     assert "Non-2xx" not in r.stdout and "Socket errors" not in r.stdout, r.stdout
     assert int(r.stdout.split("requests in")[0].split()[-1]) > 0
+
+
+def test_http_fast_path_never_answers_what_the_parser_would_not(http_server):
+    """The memoized fast path: after a plain GET was learned, variants of it
+    (a different header, a body, Connection: close, a prefix) take the parser."""
+    req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert http_raw(http_server, req * 3, until=3).count(b"200 OK") == 3      # learned
+    assert http_raw(http_server, req + req[:-2], until=1).count(b"200 OK") == 1  # 2nd incomplete
+    close = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    assert http_raw(http_server, close + req).count(b"200 OK") == 1           # closed after one
+    bad = b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n"
+    assert http_raw(http_server, bad).startswith(b"HTTP/1.1 400")
+    body = b"POST / HTTP/1.1\r\nContent-Length: 27\r\n\r\n" + req                 # req is a body here
+    assert http_raw(http_server, body + req, until=2).count(b"200 OK") == 2
