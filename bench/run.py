@@ -827,6 +827,22 @@ def svg_chart(summary, servers, info):
     return "\n".join(out) + "\n"
 
 
+GENERATED_SECTIONS = ("## Summary", "## Scenarios")
+
+
+def kept_sections(path):
+    """Sections that others added to RESULTS.md (a "## " heading other than the
+    ones this harness writes, e.g. a soak report) are carried over unchanged."""
+    try:
+        with open(path) as f:
+            old = f.read()
+    except OSError:
+        return ""
+    parts = re.split(r"(?m)^(?=## )", old)
+    kept = [p for p in parts[1:] if not p.startswith(GENERATED_SECTIONS)]
+    return ("\n" + "".join(kept).rstrip() + "\n") if kept else ""
+
+
 def write_report(results, servers, notes, info, args_line, wall, write_files=True):
     summary = summarize(results, servers)
     body = tables_markdown(summary, servers)
@@ -877,7 +893,9 @@ def write_report(results, servers, notes, info, args_line, wall, write_files=Tru
     log("")
     log(body)
     if write_files:
-        with open(os.path.join(BENCH, "RESULTS.md"), "w") as f:
+        path = os.path.join(BENCH, "RESULTS.md")
+        text += kept_sections(path)
+        with open(path, "w") as f:
             f.write(text)
         with open(os.path.join(BENCH, "results.svg"), "w") as f:
             f.write(svg_chart(summary, servers, info))
