@@ -1810,7 +1810,10 @@ class Reactor:
         handler.reactor = self
         if handler.fd != fd:
             handler.fd = fd
-        if p._backend.threadsafe_ctl or not p._running or p._tid == _get_ident():
+        # Direct unless another thread's poller may already sleep in select(): a
+        # selector does not see a registration made meanwhile, so post it.  After
+        # start() the poller may be about to poll even if it is not _running yet.
+        if p._backend.threadsafe_ctl or not self._started or p._tid == _get_ident():
             p._add(handler, fd, events)
         else:
             handler.poller = p
