@@ -147,8 +147,39 @@ _ACCEPT_SKIP = frozenset((errno.ECONNABORTED, errno.EPERM, errno.EPROTO))
 _log = logging.getLogger("goev")
 _get_ident = threading.get_ident
 _monotonic = time.monotonic
-_DROP_LOCK = threading.RLock()  # counts async writes dropped after a poller stopped (rare path;
-                                # an RLock: a signal handler may post while this thread drops)
+_held = threading.local()       # how many goev locks this thread holds: see _Lock
+
+
+class _Lock:
+    """A reentrant lock that counts, per thread, the goev locks held.
+
+    Python runs a signal handler on the main thread between two bytecodes --
+    possibly while that thread holds one of goev's locks.  If the handler then
+    called ``stop()`` and waited for a poller thread that needs the same lock
+    (to close its waker, say), both would wait forever.  So ``stop()`` does not
+    wait when the calling thread holds any goev lock (``_locks_held()``).  The
+    count goes up before acquiring and down after releasing, so a signal in
+    between can only err on the side of not waiting.
+    """
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> None:
+        _held.n = getattr(_held, "n", 0) + 1
+        self._lock.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._lock.release()
+        _held.n -= 1
+
+
+def _locks_held() -> int:
+    return getattr(_held, "n", 0)
+
+
+_DROP_LOCK = _Lock()            # counts async writes dropped after a poller stopped (rare path)
 
 
 def parse_address(addr: Union[str, tuple], *, resolve: bool = True) -> tuple:
@@ -414,7 +445,7 @@ class _Waker:
         # number that close() just freed and another thread reused.  An RLock,
         # because a signal handler may post on a thread already inside wake().
         # Cheap: posts coalesce, so wake() runs once per burst, not per post.
-        self._lock = threading.RLock()
+        self._lock = _Lock()
         self.writes = 0
         if hasattr(os, "eventfd"):
             self.fd = self._w = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -1037,7 +1068,8 @@ class _Poller:
 
     ``cache`` is a dict for the handlers of this poller (lock-free: only this
     poller's thread writes it, through ``Reactor.sync_cache``).  ``now_ms`` is
-    the monotonic clock in ms, read once per loop pass.
+    the monotonic clock in ms, read once per loop pass while timers are
+    pending (the value ``on_timeout`` receives).
     """
 
     def __init__(self, reactor: "Reactor", index: int, backend_cls: type, read_buffer_size: int) -> None:
@@ -1418,11 +1450,21 @@ class _Poller:
         waker_fd = self._waker.fd
         mono = _monotonic
         timers = self._timers
+        inbox = self._inbox
+        cancels = self._cancels
+        timeout = self._timeout
+        # The event bits as locals: this loop runs once per event.
+        OUT, IN, IN_ANY, HUP_ERR, CLOSING = EV_OUT, EV_IN, _IN_ANY, _HUP_ERR, _CLOSING
+        now = 0.0       # read only on passes that start with timers: a timer scheduled
+        #                 during a pass has a deadline after any earlier pass's clock
         while not self._stopping:
-            events = poll(self._timeout())
-            now = mono()                        # the pass's clock: now_ms, and which timers are due
-            self.now_ms = int(now * 1000)
-            if self._inbox:                     # first: posted before these events happened
+            # With no timer, no posted work and nothing closing, sleep until an
+            # event (skip _timeout: the common case of a busy I/O server).
+            events = poll(timeout() if timers or inbox or closing or cancels else -1.0)
+            if timers:
+                now = mono()                    # the pass's clock: now_ms, and which timers are due
+                self.now_ms = int(now * 1000)
+            if inbox:                           # first: posted before these events happened
                 self._drain_inbox()             # (bounded; its closes finish after the batch)
             for fd, ev in events:
                 h = handlers.get(fd)
@@ -1434,18 +1476,18 @@ class _Poller:
                         self._orphan(fd)
                     continue
                 try:
-                    if ev & EV_OUT:
+                    if ev & OUT:
                         if not h.on_write():
                             h.close()
                         if h._state:
-                            if h._state == _CLOSING and ev & _HUP_ERR:
+                            if h._state == CLOSING and ev & HUP_ERR:
                                 h.abort()       # the flush cannot complete
                             continue
-                    if ev & _IN_ANY:
-                        if h._mask & EV_IN:
+                    if ev & IN_ANY:
+                        if h._mask & IN:
                             if not h.on_read():
                                 h.close()
-                        elif ev & _HUP_ERR:     # not reading (paused/half-closed): gone
+                        elif ev & HUP_ERR:     # not reading (paused/half-closed): gone
                             h.error = h.error or ConnectionResetError(errno.ECONNRESET, "connection reset")
                             h.abort()
                 except Exception:
@@ -1759,7 +1801,7 @@ class Reactor:
         self.trace = bool(trace)
         self.backend: str = backend_cls.name
         self.pollers: list = []
-        self._lock = threading.Lock()
+        self._lock = _Lock()
         self._started = False
         self._stopped = False
         try:
@@ -1943,8 +1985,9 @@ class Reactor:
 
         Safe from any thread, from a signal handler, before start() and twice.
         From a poller's own callback it returns at once (the loops end after
-        the current step); from any other thread it waits up to ``timeout``
-        seconds for every poller thread to finish."""
+        the current step), and so it does from a signal handler that interrupted
+        this thread inside one of goev's locks (see _Lock); otherwise it waits up
+        to ``timeout`` seconds for every poller thread to finish."""
         for p in self.pollers:
             p._stopping = True
             if p._running:
@@ -1957,9 +2000,9 @@ class Reactor:
                         p._close_all()
                     return
         me = _get_ident()
-        if any(p._tid == me for p in self.pollers):
-            return
-        self._join(timeout)
+        if any(p._tid == me for p in self.pollers) or _locks_held():
+            return          # a poller's own callback, or a signal handler that interrupted
+        self._join(timeout)  # this thread inside a goev lock: the pollers end by themselves
 
     def shutdown(self, drain_timeout: float = 10.0) -> None:
         """Graceful stop: stop accepting, close every connection once its queued
