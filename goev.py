@@ -76,6 +76,7 @@ import selectors
 import signal
 import socket
 import stat
+import struct
 import sys
 import threading
 import time
@@ -147,6 +148,7 @@ _ACCEPT_SKIP = frozenset((errno.ECONNABORTED, errno.EPERM, errno.EPROTO))
 _log = logging.getLogger("goev")
 _get_ident = threading.get_ident
 _monotonic = time.monotonic
+_LINGER_RST = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() sends RST (abort)
 _held = threading.local()       # how many goev locks this thread holds: see _Lock
 
 
@@ -845,11 +847,18 @@ class IOHandle:
 
     # -- closing ------------------------------------------------------------------
 
+    def _posted_if_elsewhere(self, method: Callable[[], None]) -> bool:
+        """Called off the owning poller's thread while it runs: post ``method``
+        there and return True (a handler's state is only touched on its poller)."""
+        p = self.poller
+        if p is not None and p._running and p._tid != _get_ident():
+            p._post(method)
+            return True
+        return False
+
     def close(self) -> None:
         """Flush the send queue, then close; idempotent; from any thread."""
-        p = self.poller
-        if p is not None and p._tid != _get_ident() and p._running:
-            p._post(self.close)
+        if self._posted_if_elsewhere(self.close):
             return
         if self._state:
             return
@@ -861,9 +870,7 @@ class IOHandle:
 
     def abort(self) -> None:
         """Close at once: drop the send queue and reset the connection (RST)."""
-        p = self.poller
-        if p is not None and p._tid != _get_ident() and p._running:
-            p._post(self.abort)
+        if self._posted_if_elsewhere(self.abort):
             return
         if self._state == _CLOSED:
             return
@@ -873,16 +880,14 @@ class IOHandle:
             self._wq_bytes = 0
         if self._sock is not None and self._sock.family != socket.AF_UNIX:
             try:
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
             except OSError:
                 pass
         self._close_now()
 
     def shutdown_write(self) -> None:
         """Half-close: send FIN once the queue is flushed; reading continues."""
-        p = self.poller
-        if p is not None and p._tid != _get_ident() and p._running:
-            p._post(self.shutdown_write)
+        if self._posted_if_elsewhere(self.shutdown_write):
             return
         if self._shut_wr or self._state:
             return
@@ -2924,21 +2929,19 @@ class _TLSMixin(IOHandle):
 
     def close(self) -> None:
         """Send close_notify, flush the queue, then close; from any thread."""
-        p = self.poller
-        if p is not None and p._tid != _get_ident() and p._running:
-            p._post(self.close)
+        if self._posted_if_elsewhere(self.close):
             return
-        if p is not None and p._tid == _get_ident():
+        p = self.poller
+        if p is not None and p._tid == _get_ident():      # (not after the poller stopped)
             self._tls_close_notify()
         IOHandle.close(self)
 
     def shutdown_write(self) -> None:
         """Send close_notify then FIN once the queue is flushed; reading continues."""
-        p = self.poller
-        if p is not None and p._tid != _get_ident() and p._running:
-            p._post(self.shutdown_write)
+        if self._posted_if_elsewhere(self.shutdown_write):
             return
-        if p is not None and p._tid == _get_ident():
+        p = self.poller
+        if p is not None and p._tid == _get_ident():      # (not after the poller stopped)
             self._tls_close_notify()
         IOHandle.shutdown_write(self)
 
