@@ -10,7 +10,6 @@ Run:  python -m pytest -q test_goev.py
 """
 
 import base64
-import collections
 import errno
 import faulthandler
 import fcntl
@@ -164,6 +163,28 @@ def goev_log():
     log.addHandler(h)
     yield h
     log.removeHandler(h)
+
+
+@pytest.fixture
+def debug_log(goev_log):
+    """goev_log with the "goev" logger at DEBUG, so DEBUG records exist (quiet
+    failures -- a bad PROXY header, a failed TLS handshake -- log there only)."""
+    log = logging.getLogger("goev")
+    old = log.level
+    log.setLevel(logging.DEBUG)
+    yield goev_log
+    log.setLevel(old)
+
+
+def need_tool(tool):
+    """The path of a real client program; skip without it, but fail under CI
+    (.ci/run installs every one the tests use)."""
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("%s is not installed (.ci/run installs it)" % tool)
+        pytest.skip("%s is not installed" % tool)
+    return path
 
 
 def recv_exact(sock, n, timeout=WAIT):
@@ -4603,13 +4624,6 @@ def test_trace_off_costs_nothing_per_event(make_reactor):
 
 # -- examples/reuseport.py and examples/http_hello.py ------------------------------------
 
-def _serve_need(tool):
-    import shutil
-    if shutil.which(tool):
-        return True
-    if os.environ.get("CI"):
-        pytest.fail("%s is not installed (CI installs it)" % tool)
-    pytest.skip("%s is not installed" % tool)
 
 
 def test_example_reuseport_counts(backend):
@@ -4660,11 +4674,11 @@ def test_example_http_hello(hello_server):
 
 
 def test_example_http_hello_curl_and_wrk(hello_server):
-    _serve_need("curl")
+    need_tool("curl")
     url = "http://127.0.0.1:%d/" % hello_server
     r = subprocess.run(["curl", "-s", "--http1.1", url, url], capture_output=True, timeout=WAIT)
     assert r.returncode == 0 and r.stdout == b"Hello, World!" * 2
-    _serve_need("wrk")
+    need_tool("wrk")
     r = subprocess.run(["wrk", "-t1", "-c10", "-d1s", url], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "Non-2xx" not in r.stdout and "Socket errors" not in r.stdout, r.stdout
@@ -4755,14 +4769,6 @@ def echo_through(c, data):
     return got
 
 
-@pytest.fixture
-def _tls_debug_log(goev_log):
-    """goev_log with the "goev" logger at DEBUG, so the DEBUG records exist."""
-    log = logging.getLogger("goev")
-    old = log.level
-    log.setLevel(logging.DEBUG)
-    yield goev_log
-    log.setLevel(old)
 
 
 def quiet(goev_log):
@@ -4979,7 +4985,7 @@ def test_tls_goev_client_to_goev_server(make_reactor, npollers, server_ctx, clie
     assert bytes(h.got) == data
 
 
-def test_tls_hostname_mismatch_reaches_on_connect_fail(make_reactor, server_ctx, client_ctx, _tls_debug_log):
+def test_tls_hostname_mismatch_reaches_on_connect_fail(make_reactor, server_ctx, client_ctx, debug_log):
     r, a = echo_server(make_reactor, 1, ssl=server_ctx)
     h = TLSProbe(b"x")
     goev.Connector(r).connect(a.address, h, 5000, ssl=client_ctx, server_hostname="wrong.example")
@@ -4989,8 +4995,8 @@ def test_tls_hostname_mismatch_reaches_on_connect_fail(make_reactor, server_ctx,
     assert "wrong.example" in str(h.err)
     assert h.fd == -1
     # The server saw the client's alert: a failed handshake, logged at DEBUG only.
-    wait_until(lambda: any("handshake" in r.getMessage() for r in _tls_debug_log.records), what="debug log")
-    assert not quiet(_tls_debug_log)
+    wait_until(lambda: any("handshake" in r.getMessage() for r in debug_log.records), what="debug log")
+    assert not quiet(debug_log)
 
 
 def test_tls_untrusted_certificate_reaches_on_connect_fail(make_reactor, server_ctx):
@@ -5067,12 +5073,12 @@ def test_tls_openssl_s_client(make_reactor, server_ctx, tls_cert):
 
 # -- hostile and broken peers: closed, DEBUG only ----------------------------------
 
-def test_tls_handshake_timeout_server(make_reactor, npollers, server_ctx, _tls_debug_log):
+def test_tls_handshake_timeout_server(make_reactor, npollers, server_ctx, debug_log):
     r, a = echo_server(make_reactor, npollers, ssl=server_ctx, ssl_handshake_timeout=0.3)
     with socket.create_connection(a.address) as c:     # connects, says nothing
         wait_eof(c)
-    wait_until(lambda: any("timed out" in r.getMessage() for r in _tls_debug_log.records), what="debug log")
-    assert not quiet(_tls_debug_log)
+    wait_until(lambda: any("timed out" in r.getMessage() for r in debug_log.records), what="debug log")
+    assert not quiet(debug_log)
 
 
 @pytest.mark.parametrize("junk", [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x16\x03\x01\x00\x05garbage" * 100,
@@ -5091,7 +5097,7 @@ def test_tls_plaintext_or_garbage_client(make_reactor, server_ctx, client_ctx, g
     assert not quiet(goev_log)
 
 
-def test_tls_peer_vanishes_mid_handshake(make_reactor, server_ctx, client_ctx, _tls_debug_log):
+def test_tls_peer_vanishes_mid_handshake(make_reactor, server_ctx, client_ctx, debug_log):
     r, a = echo_server(make_reactor, 1, ssl=server_ctx)
     for reset in (False, True):
         m = MemoryClient(a.address, client_ctx)
@@ -5102,9 +5108,9 @@ def test_tls_peer_vanishes_mid_handshake(make_reactor, server_ctx, client_ctx, _
         if reset:
             m.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
         m.close()
-    wait_until(lambda: sum("handshake" in r.getMessage() for r in _tls_debug_log.records) >= 2, what="debug logs")
+    wait_until(lambda: sum("handshake" in r.getMessage() for r in debug_log.records) >= 2, what="debug logs")
     wait_until(lambda: len(r.pollers[0]._handlers) == 1, what="handshakes closed")
-    assert not quiet(_tls_debug_log)
+    assert not quiet(debug_log)
 
 
 def test_tls_garbage_after_handshake(make_reactor, server_ctx, client_ctx, goev_log):
@@ -5380,12 +5386,6 @@ def test_tls_cli_bad_certificate(tmp_path):
 V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 
 
-def _infra_need(tool):
-    if shutil.which(tool):
-        return shutil.which(tool)
-    if os.environ.get("CI"):
-        pytest.fail("%s is not installed (.ci/run installs it)" % tool)
-    pytest.skip("%s is not installed" % tool)
 
 
 def v2_header(cmd=1, fam=0x11, body=b""):
@@ -5442,14 +5442,6 @@ def proxy_server(make_reactor, pollers=1, **kw):
     return rec, a
 
 
-@pytest.fixture
-def _infra_debug_log(goev_log):
-    """goev_log with the "goev" logger at DEBUG (the PROXY rejections log there)."""
-    log = logging.getLogger("goev")
-    level = log.level
-    log.setLevel(logging.DEBUG)
-    yield goev_log
-    log.setLevel(level)
 
 
 def closed_by_server(c):
@@ -5568,8 +5560,8 @@ BAD = [
 
 @pytest.mark.parametrize("data", BAD, ids=["missing", "v1-fields", "v1-port", "v1-oversized",
                                            "v2-oversized", "v2-version", "tls-no-header"])
-def test_proxy_bad_header_closes_quietly(make_reactor, backend, _infra_debug_log, data):
-    goev_log = _infra_debug_log
+def test_proxy_bad_header_closes_quietly(make_reactor, backend, debug_log, data):
+    goev_log = debug_log
     rec, a = proxy_server(make_reactor, 1)
     with socket.create_connection(a.address) as c:
         c.sendall(data)
@@ -5580,8 +5572,8 @@ def test_proxy_bad_header_closes_quietly(make_reactor, backend, _infra_debug_log
     assert [r for r in goev_log.records if r.levelno > logging.DEBUG] == []
 
 
-def test_proxy_eof_before_header_and_timeout(make_reactor, backend, _infra_debug_log):
-    goev_log = _infra_debug_log
+def test_proxy_eof_before_header_and_timeout(make_reactor, backend, debug_log):
+    goev_log = debug_log
     rec, a = proxy_server(make_reactor, 1, proxy_header_timeout=0.3)
     with socket.create_connection(a.address) as c:          # half a header, then FIN
         c.sendall(b"PROXY TCP4 1.2")
@@ -5635,7 +5627,7 @@ backend be
 @pytest.fixture
 def haproxy():
     """haproxy(back_port, "send-proxy"|"send-proxy-v2") -> the frontend port; killed by PID after."""
-    exe = _infra_need("haproxy")
+    exe = need_tool("haproxy")
     procs = []
     tmp = tempfile.mkdtemp(prefix="goev-haproxy-")
 
@@ -5759,7 +5751,7 @@ def test_listen_fds_ignores_other_pids_and_unsets(monkeypatch):
 
 
 def _ssa(port, backend, args, err):
-    exe = _infra_need("systemd-socket-activate")
+    exe = need_tool("systemd-socket-activate")
     # systemd-socket-activate listens, and on the first connection execs the
     # command with the socket as fd 3 (LISTEN_FDS=1, LISTEN_PID = that pid).
     return subprocess.Popen([exe, "-l", "127.0.0.1:%d" % port, "-E", "GOEV_BACKEND=" + backend,
@@ -7698,14 +7690,6 @@ def test_fork_child_builds_its_own_reactor(make_reactor, npollers):
 # Examples: echo, tcp_proxy, download, timers, threads_baseline (issue 7)
 # =============================================================================
 
-def _examples_misc_need(tool):
-    """The path of a real client; skip without it (fail under CI)."""
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("%s is required under CI (apt-get install it)" % tool)
-        pytest.skip("%s is not installed" % tool)
-    return path
 
 
 @pytest.fixture
@@ -7797,7 +7781,7 @@ def run_tool(argv, data=b"", timeout=WAIT):
 
 def nc_argv(port):
     """nc that exits after stdin EOF + the server's EOF (openbsd -N, else -q)."""
-    nc = _examples_misc_need("nc")
+    nc = need_tool("nc")
     helptext = subprocess.run([nc, "-h"], capture_output=True, text=True).stderr
     return [nc, "-N" if "-N" in helptext else "-q1", "127.0.0.1", str(port)]
 
@@ -7808,7 +7792,7 @@ def test_example_echo(backend, kids):
     proc, port = start_example(kids, ["echo.py", "127.0.0.1:0"], backend)
     echo_roundtrip(port, _examples_misc_payload(1 << 20))
     line = b"hello from a real client\n"
-    assert run_tool([_examples_misc_need("socat"), "-", "TCP:127.0.0.1:%d" % port], line) == line
+    assert run_tool([need_tool("socat"), "-", "TCP:127.0.0.1:%d" % port], line) == line
     assert run_tool(nc_argv(port), line) == line
     assert_clean_exit(proc)
 
@@ -7871,7 +7855,7 @@ def test_proxy_echo_8mib_both_ways(backend, npollers, kids):
     for t in threads:
         t.join(WAIT)
     line = b"through the proxy\n"
-    assert run_tool([_examples_misc_need("socat"), "-", "TCP:127.0.0.1:%d" % port], line) == line
+    assert run_tool([need_tool("socat"), "-", "TCP:127.0.0.1:%d" % port], line) == line
     assert_clean_exit(proxy)
     assert_clean_exit(echo)
 
@@ -8037,7 +8021,7 @@ def test_proxy_curl_to_http_server(backend, kids, tmp_path):
     wait_port(http_port)
     proxy, port = start_proxy(kids, backend, http_port, 2)
     out = tmp_path / "out.bin"
-    run_tool([_examples_misc_need("curl"), "-sS", "--fail", "-o", str(out), "http://127.0.0.1:%d/blob.bin" % port])
+    run_tool([need_tool("curl"), "-sS", "--fail", "-o", str(out), "http://127.0.0.1:%d/blob.bin" % port])
     assert out.read_bytes() == blob
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
     try:
@@ -8052,8 +8036,8 @@ def test_proxy_curl_to_http_server(backend, kids, tmp_path):
 
 
 def test_proxy_redis_cli(backend, kids, tmp_path):
-    redis_cli = _examples_misc_need("redis-cli")
-    redis_server = _examples_misc_need("redis-server")
+    redis_cli = need_tool("redis-cli")
+    redis_server = need_tool("redis-server")
     rport = free_port()
     redis = subprocess.Popen([redis_server, "--port", str(rport), "--bind", "127.0.0.1",
                               "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
@@ -8083,7 +8067,7 @@ def test_download_delivers_the_file(backend, kids, tmp_path, mode):
     extra = ["--sendfile"] if mode == "sendfile" else []
     proc, port = start_example(kids, ["download.py", "127.0.0.1:0", str(path)] + extra, backend)
     out = tmp_path / "out.bin"
-    run_tool([_examples_misc_need("curl"), "-sS", "--fail", "-o", str(out), "http://127.0.0.1:%d/any/path" % port])
+    run_tool([need_tool("curl"), "-sS", "--fail", "-o", str(out), "http://127.0.0.1:%d/any/path" % port])
     assert out.read_bytes() == blob
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
     try:
@@ -8118,7 +8102,7 @@ def test_download_rate_limit_is_applied(backend, kids, tmp_path):
     blob = _examples_misc_payload(200000, seed=13)
     path = tmp_path / "file.bin"
     path.write_bytes(blob)
-    curl = _examples_misc_need("curl")
+    curl = need_tool("curl")
     procs = []
     for extra in ([], ["--sendfile"]):
         procs.append(start_example(kids, ["download.py", "127.0.0.1:0", str(path),
@@ -8159,7 +8143,7 @@ def test_download_slow_readers_keep_memory_flat(backend, kids, tmp_path):
     base = rss_kib(proc.pid)
     peak = base
     curl_out = tmp_path / "curl.out"
-    slow_curl = subprocess.Popen([_examples_misc_need("curl"), "-sS", "--limit-rate", "10k", "-o", str(curl_out),
+    slow_curl = subprocess.Popen([need_tool("curl"), "-sS", "--limit-rate", "10k", "-o", str(curl_out),
                                   "http://127.0.0.1:%d/" % port], stderr=subprocess.PIPE)
     kids.append(slow_curl)
     c = socket.socket()
@@ -8241,7 +8225,7 @@ def test_threads_baseline_echo(kids):
     for t in threads:
         t.join(WAIT)
     line = b"hello threads\n"
-    assert run_tool([_examples_misc_need("socat"), "-", "TCP:127.0.0.1:%d" % port], line) == line
+    assert run_tool([need_tool("socat"), "-", "TCP:127.0.0.1:%d" % port], line) == line
     assert run_tool(nc_argv(port), line) == line
     assert_clean_exit(proc)
 
@@ -8267,7 +8251,7 @@ def test_threads_baseline_http(kids):
         c.sendall(reqs)
         raw = recv_all(c)
     assert raw.count(b"HTTP/1.1 200 OK\r\n") == 20 and raw.endswith(b"Hello, World!")
-    out = run_tool([_examples_misc_need("curl"), "-sS", "--fail", "http://127.0.0.1:%d/" % port,
+    out = run_tool([need_tool("curl"), "-sS", "--fail", "http://127.0.0.1:%d/" % port,
                     "http://127.0.0.1:%d/again" % port])
     assert out == b"Hello, World!" * 2
     assert_clean_exit(proc)
@@ -8319,16 +8303,6 @@ class Example:
             self.stop()
         else:
             stop_child(self.proc)
-
-
-def need_tool(name):
-    """A real client from the OS; under CI a missing one is a failure, not a skip."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("%s is not installed (apt-get install -y redis-tools)" % name)
-        pytest.skip("%s is not installed" % name)
-    return path
 
 
 # =============================================================================
