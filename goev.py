@@ -631,14 +631,14 @@ class IOHandle:
     OSError that ended the connection, if any), ``cache`` (the poller's dict),
     ``sock_peer`` (the socket's own peer: the balancer, with the PROXY protocol).
     """
-    __slots__ = ("fd", "reactor", "poller", "peer", "error", "_sock", "_wq", "_wq_bytes",
+    __slots__ = ("fd", "reactor", "poller", "_peer", "error", "_sock", "_wq", "_wq_bytes",
                  "_user", "_mask", "_state", "_eof", "_paused", "_shut_wr", "_timer",
                  "_high", "_low", "dropped_bytes", "_owner", "__weakref__")
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "IOHandle":
         self = object.__new__(cls)
         self.fd = -1
-        self.reactor = self.poller = self.peer = self.error = None
+        self.reactor = self.poller = self._peer = self.error = None
         self._sock = self._wq = self._timer = self._owner = None
         self._wq_bytes = self._user = self._mask = self.dropped_bytes = 0
         self._state = _OPEN
@@ -999,6 +999,19 @@ class IOHandle:
         """The ``ssl.SSLObject`` of a TLS connection (getpeercert(), version(),
         cipher() ...), None for plaintext.  See section 11."""
         return None
+
+    @property
+    def peer(self) -> Any:
+        """The remote address: the one set by whoever opened the connection (the
+        client a PROXY-protocol header announced, the address a Connector was
+        given), else the socket's ``getpeername()`` -- asked of the kernel when
+        read, so an accepted connection stores no address tuple (about 140 bytes
+        per idle connection).  None once the socket is closed or reset."""
+        return self.sock_peer if self._peer is None else self._peer
+
+    @peer.setter
+    def peer(self, addr: Any) -> None:
+        self._peer = addr
 
     @property
     def sock_peer(self) -> Any:
@@ -2451,8 +2464,7 @@ class Acceptor(IOHandle):
                 _TLSHandshake.launch(h, conn, tls, True, None, self._tls_timeout, addr)
                 continue
             h._sock = conn
-            h.fd = conn.fileno()
-            h.peer = addr
+            h.fd = conn.fileno()              # (peer: asked of the socket when read)
             h.reactor = conn_reactor
             _open_handler(h)
         return True
