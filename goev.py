@@ -2927,9 +2927,13 @@ class _TLSMixin(IOHandle):
         IOHandle.write(self, t.outgoing.read())
 
     def _tls_close_notify(self) -> None:
-        """Queue our close_notify (once), ahead of the FIN."""
+        """Queue our close_notify (once), ahead of the FIN; on the poller's thread
+        only (after the poller stopped there is nobody to flush it)."""
         t = self._sock
         if t is None or t.notified or self.error is not None or self._state or self._shut_wr:
+            return
+        p = self.poller
+        if p is None or p._tid != _get_ident():
             return
         t.notified = True
         try:
@@ -2943,18 +2947,14 @@ class _TLSMixin(IOHandle):
         """Send close_notify, flush the queue, then close; from any thread."""
         if self._posted_if_elsewhere(self.close):
             return
-        p = self.poller
-        if p is not None and p._tid == _get_ident():      # (not after the poller stopped)
-            self._tls_close_notify()
+        self._tls_close_notify()
         IOHandle.close(self)
 
     def shutdown_write(self) -> None:
         """Send close_notify then FIN once the queue is flushed; reading continues."""
         if self._posted_if_elsewhere(self.shutdown_write):
             return
-        p = self.poller
-        if p is not None and p._tid == _get_ident():      # (not after the poller stopped)
-            self._tls_close_notify()
+        self._tls_close_notify()
         IOHandle.shutdown_write(self)
 
     def _update(self) -> None:
