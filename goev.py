@@ -33,9 +33,12 @@ an inbox for work sent from other threads.  A handler is placed on
 callback of one handler runs on one thread, one at a time, and handlers need
 no locks.  Other threads talk to a handler only through ``async_write``,
 ``close`` (both routed through the inbox when called off-thread),
-``Reactor.post``/``post_to`` and ``Reactor.call_later``.  Under the GIL the
-pollers give concurrency, not parallelism: use ``serve(workers=N)`` (several
-processes sharing a port) to use every core.
+``Reactor.post``/``post_to`` and ``Reactor.call_later``.  One exception:
+``on_open`` runs on the thread that accepted or connected, *before* the
+handler is registered -- so register last in it (as the default does): from
+then on the handler's own poller may already be calling ``on_read``.  Under
+the GIL the pollers give concurrency, not parallelism: use
+``serve(workers=N)`` (several processes sharing a port) to use every core.
 
 How to read this file (top to bottom, each name defined before use)
 ---------------------------------------------------------------------
@@ -45,7 +48,8 @@ How to read this file (top to bottom, each name defined before use)
  4. Poller backends: epoll, selectors, and the waker
  5. The timer heap (4-ary) and ``Timer``
  6. ``IOHandle``: the handler base (callbacks, read, write, close)
- 7. ``_Poller``: one thread, one loop -- the heart of the reactor
+ 7. ``_Poller``: one thread, one loop -- the heart of the reactor; and its
+    traced twin (trace mode: ``GOEV_TRACE=1`` prints every step)
  8. ``Reactor``: N pollers, placement, start/stop, cross-thread posts
  9. ``Acceptor``: listening sockets
 10. ``Connector``: non-blocking connects
@@ -91,7 +95,7 @@ __all__ = [
     "EV_IN", "EV_OUT", "EV_ET",
     "Reactor", "IOHandle", "Timer",
     "Acceptor", "Connector", "ConnectPool",
-    "parse_address",
+    "serve", "parse_address",
 ]
 __version__ = "0.1.0"
 
