@@ -8063,6 +8063,29 @@ def test_proxy_redis_cli(backend, kids, tmp_path):
     finish(redis)
 
 
+
+def test_proxy_to_goev_examples_curl_http_hello_and_redis_cli_kv(backend, kids):
+    """The pairings issue 7 names: curl through tcp_proxy to http_hello, and
+    redis-cli through tcp_proxy to kv -- goev on both sides of the proxy."""
+    curl, redis_cli = need_tool("curl"), need_tool("redis-cli")
+    env = {"GOEV_BACKEND": backend}
+    hport, kport = free_port(), free_port()
+    for args, port in ((["examples/http_hello.py", "127.0.0.1:%d" % hport], hport),
+                       (["examples/kv.py", "127.0.0.1:%d" % kport], kport)):
+        kids.append(spawn_py(args, env=env))
+        wait_port(port)
+    _, hproxy = start_proxy(kids, backend, hport)
+    _, kproxy = start_proxy(kids, backend, kport)
+    url = "http://127.0.0.1:%d/" % hproxy
+    r = subprocess.run([curl, "-s", "--http1.1", url, url], capture_output=True, timeout=WAIT)
+    assert r.returncode == 0 and r.stdout == b"Hello, World!" * 2
+    cli = [redis_cli, "-h", "127.0.0.1", "-p", str(kproxy)]
+    assert run_tool(cli + ["SET", "k", "through the proxy"]).strip() == b"OK"
+    assert run_tool(cli + ["GET", "k"]).strip() == b"through the proxy"
+    for p in kids:
+        assert finish(p)[0] == 0
+
+
 # -- download.py ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["write", "sendfile"])
