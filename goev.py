@@ -1685,10 +1685,10 @@ class _TracedSocket:
         self._say("fd %d: sendmsg %d buffers, %d bytes -> %d sent" % (self._fd, len(bufs), total, n))
         return n
 
-    def accept(self) -> tuple:
-        conn, addr = self._s.accept()
-        self._say("fd %d: accept -> new connection fd %d from %r" % (self._fd, conn.fileno(), addr))
-        return conn, addr
+    def _accept(self) -> tuple:          # what Acceptor.on_read calls
+        fd, addr = self._s._accept()
+        self._say("fd %d: accept -> new connection fd %d from %r" % (self._fd, fd, addr))
+        return fd, addr
 
     def shutdown(self, how: int) -> None:
         self._say("fd %d: shutdown(SHUT_WR): FIN sent" % self._fd)
@@ -2426,7 +2426,13 @@ class Acceptor(IOHandle):
         return a
 
     def on_read(self) -> bool:
-        accept = self._sock.accept
+        # socket.accept() is _accept() -> (fd, addr) plus a socket object built
+        # through two enum conversions: calling _accept() (there since Python 3.2)
+        # and building the object from plain ints halves the Python work of an
+        # accept -- and every readiness costs one more accept, the EAGAIN one.
+        accept = self._sock._accept
+        family = int(self._family)
+        make_socket = socket.socket
         factory = self.factory
         conn_reactor = self.conn_reactor
         nodelay = self._family != socket.AF_UNIX
@@ -2434,7 +2440,7 @@ class Acceptor(IOHandle):
         proxy = self.proxy_protocol
         for _ in range(min(self.backlog, _ACCEPT_BATCH)):
             try:
-                conn, addr = accept()
+                fd, addr = accept()
             except BlockingIOError:
                 break
             except OSError as e:
@@ -2449,6 +2455,7 @@ class Acceptor(IOHandle):
                 if e.errno in _ACCEPT_SKIP:
                     continue
                 raise
+            conn = make_socket(family, socket.SOCK_STREAM, 0, fd)
             conn.setblocking(False)
             if nodelay:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
