@@ -7644,6 +7644,9 @@ def test_wakeup_fd_left_alone(backend):
 _FORK_CHILD_CHECK = 0
 
 
+# Forking a process whose reactor threads run is the point of this test
+# (Python 3.12+ warns about exactly that).
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_fork_child_builds_its_own_reactor(make_reactor, npollers):
     """Catalogue #60: a process with a running reactor (background pollers,
     live connections) forks.  The child does not share the parent's loop: it
