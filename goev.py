@@ -723,8 +723,8 @@ class IOHandle:
         if self._state or self._shut_wr:
             self.dropped_bytes += len(data)
             return
-        if self._wq:
-            self._enqueue(bytes(data))
+        if self._wq:                      # (memoryview: bytes(5) would queue five NULs)
+            self._enqueue(bytes(memoryview(data)))
             return
         try:
             n = self._sock.send(data)

@@ -2609,6 +2609,34 @@ def test_system_exit_in_a_timer_loses_no_timer(make_reactor):
 # Cross-thread work: async_write, post, the poller cache, no lost wake-up (issue 5)
 # =============================================================================
 
+def test_write_rejects_non_bytes_whether_or_not_data_is_queued(make_reactor):
+    """On the poller thread, write(5) is a TypeError on the direct path and on
+    the queued path alike (bytes(5) would have queued five NUL bytes)."""
+    r = make_reactor(1)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    h = goev.IOHandle()
+    h._sock, h.fd = a, a.fileno()
+    r.add_handler(h, h.fd, goev.EV_IN)
+    r.start()
+    results = queue.Queue()
+
+    def on_poller():
+        for queued in (False, True):
+            if queued:
+                h._enqueue(b"queued")          # a non-empty queue: the other path
+            try:
+                h.write(5)
+                results.put("accepted")
+            except TypeError:
+                results.put("TypeError")
+        results.put(h.pending_write_bytes)
+    r.post_to(h, on_poller)
+    assert [results.get(timeout=WAIT) for _ in range(3)] == ["TypeError", "TypeError", len(b"queued")]
+    r.stop(timeout=WAIT)
+    b.close()
+
+
 def test_stop_from_a_signal_handler_inside_a_goev_lock_does_not_deadlock(make_reactor, npollers):
     """A signal handler runs on the main thread between two bytecodes, maybe while
     that thread is inside wake() (holding the waker's lock).  If it calls stop(),
