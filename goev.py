@@ -3373,14 +3373,14 @@ class ConnectPool:
 # worker is woken for each connection, one wins the accept); unix sockets
 # and the sockets systemd passed (socket activation) are always shared.
 #
-# Reload (SIGHUP to the supervisor): a new generation of N workers starts on
-# the same socket; once all of them report ready (one 4-byte pid each on a
+# Reload (SIGHUP to the supervisor): a new generation of N workers starts, each
+# on its slot's listener; once all of them report ready (one 4-byte pid each on a
 # pipe), the old workers get SIGQUIT: stop accepting at once, let every open
 # connection finish -- closing one now could drop a request already on its
 # way -- for at most ``drain_timeout`` seconds, then exit.  The new workers
 # run ``setup`` again (re-read a configuration there), but the code is the
 # code the supervisor loaded: new code needs a restart (which, with a socket
-# held by systemd, refuses nothing either: see docs_deploying.md).
+# held by systemd, refuses nothing either: see "Deploying" in README.md).
 
 _RESTART_BACKOFF_MIN = 0.1   # seconds before restarting a worker that died young ...
 _RESTART_BACKOFF_MAX = 5.0   # ... doubling up to this while it keeps dying young
