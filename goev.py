@@ -67,6 +67,9 @@ from __future__ import annotations
 # =============================================================================
 # 1. Imports, __all__, __version__
 # =============================================================================
+# The standard library only (the design card); ssl is optional, so a Python
+# built without OpenSSL still gets everything but TLS.  __all__ is the whole
+# public surface: every other name is private and may change.
 
 import collections
 import errno
@@ -1080,8 +1083,9 @@ class IOHandle:
 #   -> dispatch each event: OUT first (connect completion, flush), then IN
 #      (read pending data even on HUP/ERR), then HUP/ERR for non-readers
 #   -> finish closes (on_close, then close(fd)) -> run due timers.
-# _dispatch is the only place user I/O callbacks are called; it catches
-# Exception, logs it with the handler's repr and closes that handler only.
+# The event loop in _loop is the only place user I/O callbacks are called
+# (timers: _run_timers, posts: _drain_inbox); it catches Exception, logs it
+# with the handler's repr (_fault) and closes that handler only.
 # KeyboardInterrupt and SystemExit pass through (the state stays consistent,
 # so run() may be called again).
 
