@@ -19,7 +19,10 @@ on whatever one side reads, the other side writes.  Three things make it a
   3. The two halves may live on different pollers (each handler sits on
      poller[fd % N]), i.e. on different threads.  A handler's state is only
      touched on its own poller's thread, so every message to the peer goes
-     through ``Reactor.post_to`` unless both happen to share a poller.
+     through ``Reactor.post_to`` unless both happen to share a poller.  Then
+     "hold" arrives late -- after the peer ran everything we posted -- so the
+     reader also counts the bytes it has in flight and stops itself above the
+     mark until the peer acknowledges them (credit-based flow control).
 
 Data the client sends before the upstream connection is up is buffered (and
 bounded the same way); a failed upstream connect closes the client.
@@ -53,6 +56,8 @@ class Side(goev.IOHandle):
         self.other = None          # the Side at the other end
         self.held = False          # the peer asked us to stop reading (its queue is full)
         self.holding = False       # we asked the peer to stop reading
+        self.unacked = 0           # bytes posted to the peer that it has not queued yet
+        self.self_held = False     # we stopped reading: too much of our data in flight
         self.got_eof = False       # our socket said "no more data"
         self.wr_shut = False       # we relayed the peer's EOF (sent our FIN)
 
@@ -74,6 +79,8 @@ class Side(goev.IOHandle):
     def relay(self, data):
         """Peer read ``data``: send it out of our socket."""
         self.write(data)
+        if self.other.poller is not self.poller:
+            self.tell(self.other.ack, len(data))    # credit back: it is in our queue now
         if self.pending_write_bytes > HIGH_WATER and not self.holding:
             self.holding = True                     # our queue is full: peer, stop reading
             self.tell(self.other.hold)
@@ -92,8 +99,16 @@ class Side(goev.IOHandle):
 
     def release(self):
         self.held = False
-        if not self.closed:
+        if not self.closed and not self.self_held:
             self.reactor.append_event(self.fd, goev.EV_IN)
+
+    def ack(self, n):
+        """The peer (on another poller) queued ``n`` of the bytes we posted it."""
+        self.unacked -= n
+        if self.self_held and self.unacked <= LOW_WATER:
+            self.self_held = False
+            if not self.held and not self.closed:
+                self.reactor.append_event(self.fd, goev.EV_IN)
 
     def relay_eof(self):
         """Peer reached end of stream: send FIN after our queue is flushed."""
@@ -123,6 +138,15 @@ class Side(goev.IOHandle):
         return True
 
     def forward(self, data):
+        if self.other.poller is not self.poller:
+            # Across pollers the peer's "hold" arrives only after it ran our
+            # posts: meanwhile we could read and post without bound.  So count
+            # what is in flight and stop reading ourselves above the mark
+            # (credit-based flow control; the peer acks what it has queued).
+            self.unacked += len(data)
+            if self.unacked > HIGH_WATER and not self.self_held:
+                self.self_held = True
+                self.reactor.remove_event(self.fd, goev.EV_IN)
         self.tell(self.other.relay, data)
 
     def forward_eof(self):
