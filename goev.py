@@ -918,12 +918,25 @@ class IOHandle:
         if p is None:                      # never registered: nothing to wait for
             self._finish_close()
             return
+        self._leave_poller(p)
+        p._closing.append(self)
+
+    def _leave_poller(self, p: "_Poller") -> None:
+        """Unregister from ``p`` and forget the fd there; the socket stays open."""
         if self._mask:
             p._backend.unregister(self.fd)
             self._mask = 0
         if p._handlers.get(self.fd) is self:
             del p._handlers[self.fd]
-        p._closing.append(self)
+
+    def _detach(self) -> socket.socket:
+        """Leave the poller without closing the socket and return it: how the
+        internal handlers (connect, PROXY header, TLS handshake) hand a socket on."""
+        self.cancel_timer()
+        self._leave_poller(self.poller)
+        self._state = _CLOSED
+        sock, self._sock = self._sock, None
+        return sock
 
     def _finish_close(self) -> None:
         try:
@@ -2299,16 +2312,8 @@ class _ProxyHeader(IOHandle):
         except Exception:
             _log.exception("%s: handler factory failed", _safe_repr(a))
             return False
-        # Leave the poller without closing the socket (as _Connecting._detach).
-        self.cancel_timer()
         p = self.poller
-        if self._mask:
-            p._backend.unregister(self.fd)
-            self._mask = 0
-        if p._handlers.get(self.fd) is self:
-            del p._handlers[self.fd]
-        self._state = _CLOSED
-        h._sock, self._sock = self._sock, None
+        h._sock = self._detach()
         h.fd = self.fd
         h.peer = self.peer if client is None else client
         h.reactor = a.conn_reactor
@@ -2597,18 +2602,6 @@ class _Connecting(IOHandle):
         except IndexError:
             return False
 
-    def _detach(self) -> socket.socket:
-        """Leave the poller without closing the socket (it passes to the target)."""
-        self.cancel_timer()
-        p = self.poller
-        if self._mask:
-            p._backend.unregister(self.fd)
-            self._mask = 0
-        if p._handlers.get(self.fd) is self:
-            del p._handlers[self.fd]
-        self._state = _CLOSED
-        sock, self._sock = self._sock, None
-        return sock
 
     def _succeed(self) -> None:
         if self.poller._stopping:          # on_open could not register any more
@@ -3101,16 +3094,9 @@ class _TLSHandshake(IOHandle):
             self._fail(ConnectionAbortedError(errno.ECONNABORTED, str(e)))
             return
         self.target = None
-        # Leave the poller without closing the socket (as _Connecting._detach);
-        # ciphertext still queued (the server's session tickets) goes with it.
-        self.cancel_timer()
-        if self._mask:
-            p._backend.unregister(self.fd)
-            self._mask = 0
-        if p._handlers.get(self.fd) is self:
-            del p._handlers[self.fd]
-        self._state = _CLOSED
-        t, self._sock = self._sock, None
+        # Hand the socket on; ciphertext still queued (the server's session
+        # tickets) goes with it.
+        t = self._detach()
         h._wq, h._wq_bytes, self._wq, self._wq_bytes = self._wq, self._wq_bytes, None, 0
         h._sock = t
         h.fd = self.fd
