@@ -130,7 +130,8 @@ _ACCEPT_RETRY_MS = 100          # pause after EMFILE & co. before accepting agai
 _THREAD_BLOCKED_SIGNALS = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT",
                                                          "SIGUSR1", "SIGUSR2", "SIGCHLD") if hasattr(signal, n)}
 _INBOX_BATCH = 1024             # cross-thread items per loop pass: a flood cannot starve I/O
-_SENDMSG_MAX = 64               # queued buffers gathered into one sendmsg()
+_SENDMSG_MAX = 64               # queued buffers gathered into one writev()
+_VIEW_CACHE = 2048              # reads shorter than this get a view made once per length
 _MAX_POLL_TIMEOUT = 86400.0     # epoll takes an int of ms: clamp far timers to a day
 _COMPACT_MIN = 64               # lazily cancelled timers tolerated before compaction is considered
 _TLS_HANDSHAKE_TIMEOUT = 10.0   # seconds for a TLS handshake (asyncio: 60, generous to slowloris)
@@ -623,6 +624,7 @@ class Timer(list):
 
 _OPEN, _CLOSING, _CLOSED = 0, 1, 2
 _EMPTY_VIEW = memoryview(b"")
+_os_write = os.write      # the fd-level I/O of a poller that is not tracing (see _Poller)
 
 
 class IOHandle:
@@ -693,18 +695,31 @@ class IOHandle:
         with ``bytes(view)`` to keep it); an *empty* view at end of stream
         (FIN, or a reset -- then ``self.error`` holds the ConnectionResetError);
         None when nothing was ready.  After end of stream the handler stops
-        being polled for reading.
+        being polled for reading.  The view belongs to the poller: short
+        reads of one length return the same view object (releasing it is
+        harmless: the next read of that length makes a new one).  Works on
+        any fd, not only sockets (a pipe registered with ``add_handler``).
         """
-        view = self.poller._rview
+        p = self.poller
+        readv = p._readv            # (a local: a method-call on an instance attribute is slow)
         try:
-            n = self._sock.recv_into(view)
+            n = readv(self.fd, p._rlist)
         except BlockingIOError:
             return None
         except OSError as e:
             self.error = e
             n = 0
         if n:
-            return view[:n]
+            if n < _VIEW_CACHE:
+                # One view per length, made once: slicing allocates a
+                # GC-tracked object, the largest cost of a small read.
+                v = p._views[n]
+                try:
+                    len(v)          # raises for None (a new length) and for a view
+                except (TypeError, ValueError):   # a user release()d: make it (again)
+                    v = p._views[n] = p._rview[:n]
+                return v
+            return p._rview[:n]
         self._eof = True
         if self._mask & EV_IN:
             self._update()
@@ -730,7 +745,7 @@ class IOHandle:
             self._enqueue(bytes(memoryview(data)))
             return
         try:
-            n = self._sock.send(data)
+            n = (_os_write if p is None else p._write)(self.fd, data)
         except BlockingIOError:
             n = 0
         except OSError as e:
@@ -794,16 +809,17 @@ class IOHandle:
         wq = self._wq
         if not wq:              # nothing queued (the user armed EV_OUT): no "drained" event
             return True
-        sock = self._sock
+        p, fd = self.poller, self.fd
+        write, writev = (_os_write, os.writev) if p is None else (p._write, p._writev)
         while wq:
             try:
                 if len(wq) == 1:
                     offered = len(wq[0])
-                    n = sock.send(wq[0])
+                    n = write(fd, wq[0])
                 else:                          # gather many small writes into one syscall
                     bufs = list(itertools.islice(wq, _SENDMSG_MAX))
                     offered = sum(map(len, bufs))
-                    n = sock.sendmsg(bufs)
+                    n = writev(fd, bufs)
             except BlockingIOError:
                 break
             except OSError as e:
@@ -1120,6 +1136,14 @@ class _Poller:
         self._waker = _Waker()
         self._rbuf = bytearray(read_buffer_size)
         self._rview = memoryview(self._rbuf)
+        self._rlist = [self._rview]         # readv's argument, made once
+        self._views: list = [None] * _VIEW_CACHE   # length -> view of the buffer's head
+        # The fd-level I/O of IOHandle.read/write/_flush: os.readv/os.write/os.writev
+        # take their arguments positionally (argument clinic), while the socket
+        # methods parse a format string per call -- about 15% of an echo's CPU.
+        # On a stream socket write() is send() with no flags.  _TracePoller
+        # replaces these three with printing versions.
+        self._readv, self._write, self._writev = os.readv, os.write, os.writev
         self._handlers: dict = {}           # fd -> IOHandle
         self._closing: list = []            # handlers closed this step: on_close pending
         self._timers: list = []             # the 4-ary heap of (when, seq, Timer)
@@ -1506,8 +1530,10 @@ class _Poller:
             if inbox:                           # first: posted before these events happened
                 self._drain_inbox()             # (bounded; its closes finish after the batch)
             for fd, ev in events:
-                h = handlers.get(fd)
-                if h is None:                   # removed earlier in this batch
+                try:                            # (a subscript is cheaper than .get())
+                    h = handlers[fd]
+                except KeyError:                # the waker, or removed earlier in this batch
+                    h = None                    # (drop the last handler: it may be closed)
                     if fd == waker_fd:
                         self._waker.drain()
                         self._wake_pending = False   # after the drain: see "No lost wake-up"
@@ -1515,6 +1541,12 @@ class _Poller:
                         self._orphan(fd)
                     continue
                 try:
+                    # The common case first, tested with two int compares (cheap:
+                    # specialized) instead of bit tests (generic calls).
+                    if ev == IN and h._mask == IN:
+                        if not h.on_read():
+                            h.close()
+                        continue
                     if ev & OUT:
                         if not h.on_write():
                             h.close()
@@ -1682,26 +1714,6 @@ class _TracedSocket:
         self._say("fd %d: recv -> %d bytes%s" % (self._fd, n, "" if n else " (end of stream)"))
         return n
 
-    def send(self, data: Any, *a: Any) -> int:
-        try:
-            n = self._s.send(data, *a)
-        except OSError as e:
-            self._say("fd %d: send %d bytes -> %s" % (self._fd, len(data), e))
-            raise
-        self._say("fd %d: send %d bytes -> %d sent%s" % (
-            self._fd, len(data), n, "" if n == len(data) else " (partial: rest queued)"))
-        return n
-
-    def sendmsg(self, bufs: list, *a: Any) -> int:
-        total = sum(map(len, bufs))
-        try:
-            n = self._s.sendmsg(bufs, *a)
-        except OSError as e:
-            self._say("fd %d: sendmsg %d buffers, %d bytes -> %s" % (self._fd, len(bufs), total, e))
-            raise
-        self._say("fd %d: sendmsg %d buffers, %d bytes -> %d sent" % (self._fd, len(bufs), total, n))
-        return n
-
     def _accept(self) -> tuple:          # what Acceptor.on_read calls
         fd, addr = self._s._accept()
         self._say("fd %d: accept -> new connection fd %d from %r" % (self._fd, fd, addr))
@@ -1722,7 +1734,41 @@ class _TracePoller(_Poller):
     def __init__(self, *a: Any) -> None:
         super().__init__(*a)
         self._backend = _TracedBackend(self._backend, self._say)
+        self._readv, self._write, self._writev = self._traced_readv, self._traced_write, self._traced_writev
         self._say("created: %s backend, waker fd %d" % (self._backend.name, self._waker.fd))
+
+    # The fd-level I/O of IOHandle.read/write/_flush, printing what it did.
+    def _traced_readv(self, fd: int, bufs: list) -> int:
+        try:
+            n = os.readv(fd, bufs)
+        except BlockingIOError:
+            self._say("fd %d: readv -> nothing ready (EAGAIN)" % fd)
+            raise
+        except OSError as e:
+            self._say("fd %d: readv -> %s" % (fd, e))
+            raise
+        self._say("fd %d: readv -> %d bytes%s" % (fd, n, "" if n else " (end of stream)"))
+        return n
+
+    def _traced_write(self, fd: int, data: Any) -> int:
+        try:
+            n = os.write(fd, data)
+        except OSError as e:
+            self._say("fd %d: write %d bytes -> %s" % (fd, len(data), e))
+            raise
+        self._say("fd %d: write %d bytes -> %d sent%s" % (
+            fd, len(data), n, "" if n == len(data) else " (partial: rest queued)"))
+        return n
+
+    def _traced_writev(self, fd: int, bufs: list) -> int:
+        total = sum(map(len, bufs))
+        try:
+            n = os.writev(fd, bufs)
+        except OSError as e:
+            self._say("fd %d: writev %d buffers, %d bytes -> %s" % (fd, len(bufs), total, e))
+            raise
+        self._say("fd %d: writev %d buffers, %d bytes -> %d sent" % (fd, len(bufs), total, n))
+        return n
 
     def _say(self, msg: str) -> None:
         sys.stderr.write("goev[p%d] %s\n" % (self.index, msg))
@@ -1775,7 +1821,7 @@ class _TracePoller(_Poller):
                         self._orphan(fd)
                     continue
                 name = type(h).__name__
-                try:
+                try:                # (_Poller._loop's "ev == IN" shortcut is this same logic)
                     if ev & EV_OUT:
                         say("fd %d: %s.on_write()" % (fd, name))
                         if not h.on_write():
@@ -2773,8 +2819,9 @@ class Connector:
 # class in the MRO (a user ``write`` that calls ``super().write`` frames
 # plaintext, then the mixin encrypts it).  Plaintext handlers never see any
 # of this: their read()/write() contain no TLS test.  The TLS state lives in
-# the ``_sock`` slot: a ``_TLSTransport`` whose send/recv_into/... are the raw
-# socket's own bound methods, plus the SSLObject and the two BIOs.  Then
+# the ``_sock`` slot: a ``_TLSTransport`` whose recv_into/shutdown/... are the
+# raw socket's own bound methods, plus the SSLObject and the two BIOs; the
+# ciphertext goes out through IOHandle.write, by fd, like any other bytes.  Then
 # on_open runs (server: after accept + handshake; client: after connect +
 # handshake).  A failed handshake is the peer's problem, not the server's:
 # it is logged at DEBUG only and the socket closed; a client gets
@@ -2784,7 +2831,7 @@ class _TLSTransport:
     """Stands in for the socket of a TLS connection: the raw socket's methods
     (ciphertext) plus the SSLObject and its two memory BIOs."""
     __slots__ = ("sock", "sslobj", "incoming", "outgoing", "decrypt", "encrypt", "buffered",
-                 "send", "sendmsg", "recv_into", "shutdown", "fileno", "getsockopt", "setsockopt",
+                 "recv_into", "shutdown", "fileno", "getsockopt", "setsockopt",
                  "getpeername", "getsockname", "family", "eof", "notified")
 
     def __init__(self, sock: socket.socket, context: Any, server_side: bool,
@@ -2797,7 +2844,7 @@ class _TLSTransport:
         raw = getattr(self.sslobj, "_sslobj", self.sslobj)
         self.decrypt, self.encrypt, self.buffered = raw.read, raw.write, raw.pending
         self.sock = sock
-        self.send, self.sendmsg, self.recv_into = sock.send, sock.sendmsg, sock.recv_into
+        self.recv_into = sock.recv_into      # (its writes go through IOHandle.write, by fd)
         self.shutdown, self.fileno = sock.shutdown, sock.fileno
         self.getsockopt, self.setsockopt = sock.getsockopt, sock.setsockopt
         self.getpeername, self.getsockname = sock.getpeername, sock.getsockname
@@ -2812,7 +2859,7 @@ class _TLSTransport:
         """Trace mode: route the raw socket calls through a printing proxy."""
         if not isinstance(self.sock, _TracedSocket):
             s = self.sock = _TracedSocket(self.sock, say)
-            self.send, self.sendmsg, self.recv_into, self.shutdown = s.send, s.sendmsg, s.recv_into, s.shutdown
+            self.recv_into, self.shutdown = s.recv_into, s.shutdown
 
 
 _TLS_CLASSES: dict = {}           # user class -> its TLS subclass (made once per class)
@@ -3722,12 +3769,10 @@ class _EchoHandler(IOHandle):
 
     def on_read(self) -> bool:
         data = self.read()
-        if data is None:
+        if data:
+            self.write(data)
             return True
-        if not data:
-            return False
-        self.write(data)
-        return True
+        return data is None         # None: nothing yet; empty: end of stream
 
 
 _HTTP_MAX_HEADER = 8192       # a request head larger than this is refused (400)
