@@ -86,6 +86,7 @@ import stat
 import struct
 import sys
 import threading
+import _thread
 import time
 from typing import Any, Callable, Optional, Union
 
@@ -710,16 +711,17 @@ class IOHandle:
             self.error = e
             n = 0
         if n:
-            if n < _VIEW_CACHE:
-                # One view per length, made once: slicing allocates a
-                # GC-tracked object, the largest cost of a small read.
+            # One view per length, made once: slicing allocates a GC-tracked
+            # object, the largest cost of a small read.
+            try:
                 v = p._views[n]
-                try:
-                    len(v)          # raises for None (a new length) and for a view
-                except (TypeError, ValueError):   # a user release()d: make it (again)
-                    v = p._views[n] = p._rview[:n]
+                len(v)              # raises for None (a new length) and for a view
+                return v            # that a user release()d
+            except (TypeError, ValueError):
+                v = p._views[n] = p._rview[:n]
                 return v
-            return p._rview[:n]
+            except IndexError:      # longer than the cache covers
+                return p._rview[:n]
         self._eof = True
         if self._mask & EV_IN:
             self._update()
@@ -735,7 +737,7 @@ class IOHandle:
         ``dropped_bytes``.  Above the high water mark reading pauses.
         """
         p = self.poller
-        if p is not None and p._tid != _get_ident():
+        if p is not None and not p._mine._is_owned():
             self.async_write(data)
             return
         if self._state or self._shut_wr:
@@ -767,7 +769,7 @@ class IOHandle:
         it is tied to this handler object, never to the fd number, so a new
         handler that reuses the number never receives it."""
         p = self.poller
-        if p is None or p._tid == _get_ident():
+        if p is None or p._mine._is_owned():
             self.write(data)
             return
         # bytes(memoryview(x)) copies any buffer and, unlike bytes(x), rejects an
@@ -1154,6 +1156,10 @@ class _Poller:
         self._wake_pending = False
         self._inbox_closed = False         # set after the last drain at stop: posts are dropped
         self._tid: Optional[int] = None
+        # Held by the poller's thread for as long as _run runs: _mine._is_owned()
+        # is the hot paths' thread-identity test (write/async_write).  It costs
+        # a third of "_tid == get_ident()", which allocates an int per call.
+        self._mine = _thread.RLock()
         self._running = False
         self._stopping = False
         self._done = False
@@ -1498,13 +1504,17 @@ class _Poller:
     def _run(self) -> None:
         """Run the loop on the calling thread until the reactor stops."""
         self._tid = _get_ident()
+        self._mine.acquire()
         self._running = True
         try:
             self._loop()
         finally:
             self._running = False
-            if self._stopping:
-                self._close_all()
+            try:
+                if self._stopping:
+                    self._close_all()
+            finally:
+                self._mine.release()
 
     def _loop(self) -> None:
         poll = self._backend.poll
@@ -1917,7 +1927,11 @@ class Reactor:
         """Register ``handler`` for ``events`` (EV_IN, EV_OUT, optionally | EV_ET) on
         poller[fd % N] -- or on poller[``poller``] to pin it (REUSEPORT acceptors).
         From any thread; takes effect at once (with epoll) or as soon as the poller
-        wakes.  Raises TypeError/ValueError on bad arguments, RuntimeError once stopped."""
+        wakes.  Raises TypeError/ValueError on bad arguments, RuntimeError once stopped.
+
+        ``fd`` may be any pollable fd, not only a socket: ``read()``/``write()``
+        work on a pipe.  Make a bare fd non-blocking first (``os.set_blocking``);
+        it stays yours to close after on_close (goev closes the sockets it holds)."""
         if not isinstance(handler, IOHandle):
             raise TypeError("handler must be an IOHandle, got %r" % (handler,))
         _check_int("fd", fd, 0)
@@ -2960,7 +2974,7 @@ class _TLSMixin(IOHandle):
         """IOHandle.write for TLS: encrypt (on the poller thread only), then queue
         the ciphertext exactly as plaintext would be."""
         p = self.poller
-        if p is not None and p._tid != _get_ident():
+        if p is not None and not p._mine._is_owned():
             self.async_write(data)         # encryption happens on the poller thread
             return
         if self._state or self._shut_wr:
