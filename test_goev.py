@@ -333,6 +333,33 @@ def test_read_views_per_length_survive_release(make_reactor, npollers, goev_log)
     assert not goev_log.errors()
 
 
+def test_accepted_tcp_connections_have_nodelay(make_reactor, npollers):
+    """Every accepted TCP connection has TCP_NODELAY (on Linux inherited from
+    the listener, which goev sets once): bound IPv4/IPv6 and adopted listeners."""
+    seen = queue.Queue()
+
+    class Probe(Echo):
+        def on_open(self):
+            seen.put(socket.socket(fileno=os.dup(self.fd)))
+            return super().on_open()
+
+    r = make_reactor(npollers)
+    ls = socket.create_server(("127.0.0.1", 0))          # adopted: goev sets the option
+    acceptors = [goev.Acceptor(r, "127.0.0.1:0", Probe), goev.Acceptor.from_socket(r, ls, Probe)]
+    if socket.has_ipv6:
+        try:
+            acceptors.append(goev.Acceptor(r, "[::1]:0", Probe))
+        except OSError:                                    # pragma: no cover (no ::1 here)
+            pass
+    r.start()
+    for a in acceptors:
+        with socket.create_connection(a.address[:2]) as c:
+            c.sendall(b"x")
+            assert recv_exact(c, 1) == b"x"
+            with seen.get(timeout=WAIT) as s:
+                assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0, a
+
+
 def test_handler_on_pipe_fds(make_reactor):
     """read()/write() work on any fd, not only sockets: 1 MiB goes from a
     handler on a pipe's write end (partial writes, queued, gathered) to one on
