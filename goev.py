@@ -122,7 +122,9 @@ _HUP_ERR = _EPOLLHUP | _EPOLLERR
 # Anything that means "go and read": data, peer FIN (RDHUP), hang-up, error.
 # Reading is how pending bytes get delivered before a FIN/RST is acted on.
 _IN_ANY = EV_IN | _EPOLLRDHUP | _EPOLLHUP | _EPOLLERR
+_IN_OUT = EV_IN | EV_OUT
 _EV_ALL = EV_IN | EV_OUT | EV_ET
+_EVENT_MASKS = frozenset(io | et for io in (EV_IN, EV_OUT, EV_IN | EV_OUT) for et in (0, EV_ET))  # valid ``events``
 
 DEFAULT_READ_BUFFER = 65536     # one shared buffer per poller; 64 KiB = a full socket read
 DEFAULT_HIGH_WATER = 64 * 1024  # above this many queued bytes a handler stops reading
@@ -724,8 +726,8 @@ class IOHandle:
             except IndexError:      # longer than the cache covers
                 return p._rview[:n]
         self._eof = True
-        if self._mask & EV_IN:
-            self._update()
+        if self._mask:
+            self._update()              # stop reading
         return _EMPTY_VIEW
 
     # -- writing ----------------------------------------------------------------
@@ -877,7 +879,7 @@ class IOHandle:
         """Called off the owning poller's thread while it runs: post ``method``
         there and return True (a handler's state is only touched on its poller)."""
         p = self.poller
-        if p is not None and p._running and p._tid != _get_ident():
+        if p is not None and p._running and not p._mine._is_owned():
             p._post(method)
             return True
         return False
@@ -963,7 +965,8 @@ class IOHandle:
         except Exception:
             _log.exception("exception in on_close of %s", _safe_repr(self))
         finally:                           # also on KeyboardInterrupt: the fd is closed
-            self.destroy()
+            if self._sock is not None or self._wq:
+                self.destroy()             # (on_close did not)
         if self._owner is not None:
             self._owner._handler_event(self, "closed")
 
@@ -1070,13 +1073,20 @@ class IOHandle:
 
     def _update(self) -> None:
         """Make the registered events match the state (the only epoll_ctl MOD site)."""
-        want = 0
-        if self._user & EV_IN and not (self._eof or self._paused or self._state):
-            want = EV_IN
-        if self._wq or self._user & EV_OUT:
-            want |= EV_OUT
-        if want:
-            want |= self._user & EV_ET
+        user = self._user
+        if user == EV_IN:               # the usual registration, without bit operations
+            if self._eof or self._paused or self._state:
+                want = EV_OUT if self._wq else 0
+            else:
+                want = _IN_OUT if self._wq else EV_IN
+        else:
+            want = 0
+            if user & EV_IN and not (self._eof or self._paused or self._state):
+                want = EV_IN
+            if self._wq or user & EV_OUT:
+                want |= EV_OUT
+            if want:
+                want |= user & EV_ET
         have = self._mask
         if want != have and self._state != _CLOSED:
             b = self.poller._backend
@@ -1552,9 +1562,10 @@ class _Poller:
                         self._orphan(fd)
                     continue
                 try:
-                    # The common case first, tested with two int compares (cheap:
-                    # specialized) instead of bit tests (generic calls).
-                    if ev == IN and h._mask == IN:
+                    # Reading only, the usual state: whatever the kernel reports
+                    # (IN, RDHUP, HUP, ERR) means "go and read".  An int compare
+                    # is cheap (specialized), a bit test is a generic call.
+                    if h._mask == IN:
                         if not h.on_read():
                             h.close()
                         continue
@@ -1832,8 +1843,9 @@ class _TracePoller(_Poller):
                         self._orphan(fd)
                     continue
                 name = type(h).__name__
-                try:                # (_Poller._loop's "ev == IN" shortcut is this same logic)
-                    if ev & EV_OUT:
+                reading_only = h._mask == EV_IN   # then every event means "go and read"
+                try:
+                    if ev & EV_OUT and not reading_only:
                         say("fd %d: %s.on_write()" % (fd, name))
                         if not h.on_write():
                             say("fd %d: on_write returned False -> close" % fd)
@@ -1842,7 +1854,7 @@ class _TracePoller(_Poller):
                             if h._state == _CLOSING and ev & _HUP_ERR:
                                 h.abort()
                             continue
-                    if ev & _IN_ANY:
+                    if reading_only or ev & _IN_ANY:
                         if h._mask & EV_IN:
                             say("fd %d: %s.on_read()" % (fd, name))
                             if not h.on_read():
@@ -1935,15 +1947,17 @@ class Reactor:
         it stays yours to close after on_close (goev closes the sockets it holds)."""
         if not isinstance(handler, IOHandle):
             raise TypeError("handler must be an IOHandle, got %r" % (handler,))
-        _check_int("fd", fd, 0)
-        if not isinstance(events, int) or not events & (EV_IN | EV_OUT) or events & ~_EV_ALL:
+        if type(fd) is not int or fd < 0:   # (the common case without a call: once per accept)
+            _check_int("fd", fd, 0)
+        if not isinstance(events, int) or events not in _EVENT_MASKS:
             raise ValueError("events must combine EV_IN/EV_OUT (and EV_ET), got %r" % (events,))
         if self._stopped:
             raise RuntimeError("reactor is stopped")
         if handler.poller is not None and handler._state != _CLOSED:
             raise ValueError("%s is already registered" % _safe_repr(handler))
         if poller is None:
-            p = self._poller_for(fd)
+            pollers = self.pollers
+            p = pollers[fd % len(pollers)]
         else:
             _check_int("poller", poller, 0)
             if poller >= len(self.pollers):

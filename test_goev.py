@@ -6535,6 +6535,12 @@ def test_read_only_handler_never_sees_write(make_reactor):
     _reliability_on_poller(h.poller, lambda: None)
     assert h.n_write == 0 and h.n_read >= 1
     c.close()
+    # A reset (the kernel reports IN|HUP|ERR): still only on_read, then on_close.
+    c, h = _connect_pair(a, got)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()
+    wait_until(lambda: h.n_close == 1, what="closed after the reset")
+    assert h.n_write == 0 and h.n_read >= 1
 
 
 def test_spurious_readiness_and_idempotent_removal(make_reactor):
