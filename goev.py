@@ -714,17 +714,17 @@ class IOHandle:
             self.error = e
             n = 0
         if n:
-            # One view per length, made once: slicing allocates a GC-tracked
-            # object, the largest cost of a small read.
-            try:
-                v = p._views[n]
-                len(v)              # raises for None (a new length) and for a view
-                return v            # that a user release()d
-            except (TypeError, ValueError):
-                v = p._views[n] = p._rview[:n]
-                return v
-            except IndexError:      # longer than the cache covers
-                return p._rview[:n]
+            if n < _VIEW_CACHE:
+                # One view per length, made once: slicing allocates a GC-tracked
+                # object, the largest cost of a small read.
+                try:
+                    v = p._views[n]
+                    len(v)          # raises for None (a new length) and for a view
+                    return v        # that a user release()d
+                except (TypeError, ValueError):
+                    v = p._views[n] = p._rview[:n]
+                    return v
+            return p._rview[:n]
         self._eof = True
         if self._mask:
             self._update()              # stop reading

@@ -13,6 +13,7 @@ warm-up connection the counters are zeroed, the load generator runs for
 requests served:
 
     echo    bench/.build/loadgen echo, 50 connections, 64 B ping-pong
+    echo16k the same with 16 KiB messages
     http    wrk -t1 -c50 (keep-alive GET)
     accept  bench/.build/loadgen connect, 16 at a time (connect, 64 B echo, close)
 
@@ -37,7 +38,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run as harness   # noqa: E402  (bench/run.py: tools, paths, Server.warm)
 
-SCENARIOS = ("echo", "http", "accept")
+SCENARIOS = ("echo", "echo16k", "http", "accept")
 
 
 def ensure_valgrind():
@@ -53,12 +54,12 @@ def ensure_valgrind():
 
 
 def server_cmd(name, kind, addr):
-    py = os.path.realpath(sys.executable)   # valgrind must run the interpreter, not a shim
+    py = sys.executable                     # (the interpreter itself, never pyenv's shell shim)
     srv = harness.SERVERS_DIR
     return {"goev": [py, "-m", "goev", kind, addr, "--pollers", "1"],
             "epoll_floor": [py, os.path.join(srv, "epoll_floor.py"), kind, addr],
             "asyncio": [py, os.path.join(srv, "asyncio_server.py"), kind, addr],
-            "uvloop": [os.path.realpath(harness.VENV_PY), os.path.join(srv, "asyncio_server.py"),
+            "uvloop": [harness.VENV_PY, os.path.join(srv, "asyncio_server.py"),
                        "--uvloop", kind, addr]}[name]
 
 
@@ -68,13 +69,13 @@ def count(name, scenario, seconds, tmp):
     port = harness.free_port()
     addr = "%s:%d" % (harness.HOST, port)
     out = os.path.join(tmp, "%s-%s.cg" % (name, scenario))
-    proc = subprocess.Popen(["taskset", "-c", "0", "valgrind", "--tool=callgrind", "--callgrind-out-file=" + out]
-                            + server_cmd(name, kind, addr), cwd=harness.ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    errfile = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(["taskset", "-c", "0", "valgrind", "-q", "--tool=callgrind",
+                             "--callgrind-out-file=" + out] + server_cmd(name, kind, addr),
+                            cwd=harness.ROOT, stdout=subprocess.DEVNULL, stderr=errfile)
     try:
         srv = harness.Server.__new__(harness.Server)   # only its readiness wait and warm-up
-        srv.name, srv.kind, srv.port, srv.proc = name, kind, port, proc
-        srv.errfile = tempfile.TemporaryFile("w+")
+        srv.name, srv.kind, srv.port, srv.proc, srv.errfile = name, kind, port, proc, errfile
         srv._wait_ready(timeout=120.0)
         srv.warm()
         subprocess.run(["callgrind_control", "-z", str(proc.pid)], capture_output=True, check=True)
@@ -83,8 +84,9 @@ def count(name, scenario, seconds, tmp):
                                 "http://%s/" % addr], capture_output=True, text=True)
             reqs = int(re.search(r"(\d+) requests in", r.stdout).group(1))
         else:
-            args = (["echo", harness.HOST, str(port), "50", "1", "64"] if scenario == "echo"
-                    else ["connect", harness.HOST, str(port), "16"])
+            args = {"echo": ["echo", harness.HOST, str(port), "50", "1", "64"],
+                    "echo16k": ["echo", harness.HOST, str(port), "50", "1", "16384"],
+                    "accept": ["connect", harness.HOST, str(port), "16"]}[scenario]
             r = subprocess.run(["taskset", "-c", "1", harness.LOADGEN] + args + [str(seconds)],
                                capture_output=True, text=True)
             reqs = int(re.search(r"msgs=(\d+)", r.stdout).group(1))
@@ -96,6 +98,7 @@ def count(name, scenario, seconds, tmp):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        errfile.close()
     total = None
     for path in glob.glob(out + ".*"):        # the dump made by -d (the exit dump is out itself)
         with open(path) as f:
@@ -142,12 +145,14 @@ def main():
                 print("%-7s %-12s %7d requests  %9.0f instructions/request  (%.0f s)"
                       % (sc, name, reqs, res[sc, name], time.monotonic() - t0), file=sys.stderr)
     print("\n**User-space instructions per request (callgrind; `python %s`)**\n" % sys.version.split()[0])
-    print("| scenario | " + " | ".join(servers) + " | " + " | ".join("goev ÷ %s" % s for s in servers if s != "goev") + " |")
-    print("|---|" + "---:|" * (2 * len(servers) - ("goev" in servers)))
+    others = [s for s in servers if s != "goev"] if "goev" in servers else []
+    head = ["scenario"] + servers + ["goev ÷ %s" % s for s in others]
+    print("| " + " | ".join(head) + " |")
+    print("|---|" + "---:|" * (len(head) - 1))
     for sc in scenarios:
         cells = ["%.0f" % res[sc, s] for s in servers]
-        ratios = ["%.2f" % (res[sc, "goev"] / res[sc, s]) for s in servers if s != "goev" and "goev" in servers]
-        print("| %s | %s |" % (sc, " | ".join(cells + ratios)))
+        ratios = ["%.2f" % (res[sc, "goev"] / res[sc, s]) for s in others]
+        print("| " + " | ".join([sc] + cells + ratios) + " |")
     return 0
 
 
