@@ -699,8 +699,8 @@ class IOHandle:
         with ``bytes(view)`` to keep it); an *empty* view at end of stream
         (FIN, or a reset -- then ``self.error`` holds the ConnectionResetError);
         None when nothing was ready.  After end of stream the handler stops
-        being polled for reading.  The view belongs to the poller: short
-        reads of one length return the same view object (releasing it is
+        being polled for reading.  The view belongs to the poller: reads of
+        one length may return the same view object (releasing it is
         harmless: the next read of that length makes a new one).  Works on
         any fd, not only sockets (a pipe registered with ``add_handler``).
         """
@@ -724,7 +724,14 @@ class IOHandle:
                 except (TypeError, ValueError):
                     v = p._views[n] = p._rview[:n]
                     return v
-            return p._rview[:n]
+            v = p._long_view                # a long read: the last one's length again?
+            try:                            # (fixed-size messages, a full buffer)
+                if len(v) == n:
+                    return v
+            except (TypeError, ValueError):
+                pass
+            v = p._long_view = p._rview[:n]
+            return v
         self._eof = True
         if self._mask:
             self._update()              # stop reading
@@ -1151,6 +1158,7 @@ class _Poller:
         self._rview = memoryview(self._rbuf)
         self._rlist = [self._rview]         # readv's argument, made once
         self._views: list = [None] * _VIEW_CACHE   # length -> view of the buffer's head
+        self._long_view: Optional[memoryview] = None  # the last read of _VIEW_CACHE bytes or more
         # The fd-level I/O of IOHandle.read/write/_flush: os.readv/os.write/os.writev
         # take their arguments positionally (argument clinic), while the socket
         # methods parse a format string per call -- about 15% of an echo's CPU.

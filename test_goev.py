@@ -325,7 +325,7 @@ def test_read_views_per_length_survive_release(make_reactor, npollers, goev_log)
     r, a = echo_server(make_reactor, npollers, factory=_ReleasingEcho)
     rng = random.Random(7)
     with socket.create_connection(a.address) as c1, socket.create_connection(a.address) as c2:
-        for size in (10, 10, 10, 1, 2047, 2047, 2048, 5000, 10, 1):
+        for size in (10, 10, 10, 1, 2047, 2047, 2048, 2048, 5000, 5000, 5000, 10, 1, 2048):
             for c in (c1, c2):                  # two handlers, maybe one poller
                 msg = _randbytes(rng, size)
                 c.sendall(msg)
