@@ -58,8 +58,9 @@ How to read this file (top to bottom, each name defined before use)
 13. ``serve()``: multi-process serving, supervised workers
 14. The command line: ``python -m goev echo|http ADDR``
 
-Linux uses epoll; other platforms (and ``backend="selectors"``) use the
-``selectors`` module with the same behaviour.  CPython 3.9+.  MIT licence.
+Linux uses epoll; other POSIX systems (and ``backend="selectors"``) use the
+``selectors`` module with the same behaviour (not Windows: I/O goes through
+``os.readv``/``os.write`` on fds).  CPython 3.9+.  MIT licence.
 """
 
 from __future__ import annotations
