@@ -2183,6 +2183,19 @@ class Reactor:
 # process runs out of fds (EMFILE & co.) it stops polling the listener and
 # retries on a timer instead of spinning on a listener that stays readable.
 
+def _connect_failed(h: IOHandle, err: OSError) -> None:
+    """The other outcome of a connect (or of a client's TLS handshake): the
+    handler gets ``on_connect_fail(err)``, once, and never an fd."""
+    h.fd = -1
+    h.error = err
+    try:
+        h.on_connect_fail(err)
+    except Exception:
+        _log.exception("exception in on_connect_fail of %s", _safe_repr(h))
+    if h._owner is not None:
+        h._owner._handler_event(h, "failed")
+
+
 def _open_handler(h: IOHandle) -> None:
     """Call on_open; on False or an exception the handler is closed (on_close once)."""
     try:
@@ -2730,14 +2743,7 @@ class _Connecting(IOHandle):
         else:
             self.destroy()
         self.fd = -1
-        h.fd = -1
-        h.error = err
-        try:
-            h.on_connect_fail(err)
-        except Exception:
-            _log.exception("exception in on_connect_fail of %s", _safe_repr(h))
-        if h._owner is not None:
-            h._owner._handler_event(h, "failed")
+        _connect_failed(h, err)
 
 
 class Connector:
@@ -3212,14 +3218,7 @@ class _TLSHandshake(IOHandle):
         if self._server:
             _log.debug("TLS handshake with %r failed: %s", self.peer, err)
             return
-        h.fd = -1
-        h.error = err
-        try:
-            h.on_connect_fail(err)
-        except Exception:
-            _log.exception("exception in on_connect_fail of %s", _safe_repr(h))
-        if h._owner is not None:
-            h._owner._handler_event(h, "failed")
+        _connect_failed(h, err)
 
     def on_close(self) -> None:
         # Closed by the poller (reactor stop, shutdown drain, an error): the
