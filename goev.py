@@ -2179,9 +2179,10 @@ class Reactor:
 # An Acceptor is an IOHandle whose "read" is accept().  It accepts a bounded
 # batch per readiness, makes each connection non-blocking (TCP_NODELAY on
 # TCP: on Linux inherited from the listener), builds a handler with the
-# factory and calls its on_open.  When the
-# process runs out of fds (EMFILE & co.) it stops polling the listener and
-# retries on a timer instead of spinning on a listener that stays readable.
+# factory and calls its on_open.  When the process runs out of fds (EMFILE
+# & co.) it stops polling the listener and retries on a timer instead of
+# spinning on a listener that stays readable.  The two helpers first are the
+# two outcomes of every accept or connect (sections 10 and 11 use them too).
 
 def _connect_failed(h: IOHandle, err: OSError) -> None:
     """The other outcome of a connect (or of a client's TLS handshake): the
