@@ -310,8 +310,11 @@ def _oserror(code: int, what: str = "") -> OSError:
 # =============================================================================
 # 4. Poller backends: epoll, selectors, and the waker
 # =============================================================================
-# A backend is five methods: register(fd, ev), modify(fd, ev), unregister(fd),
-# poll(timeout) -> [(fd, ev)], close().  Events use the EV_* / epoll bits.
+# A backend is register(fd, bits), modify(fd, bits), unregister(fd) (raises
+# OSError if the fd is closed or not registered), poll(timeout) -> [(fd, ev)],
+# close(), drop_stale(), and ``native``: EV_* mask -> the bits register/modify
+# take.  The epoll backend's register/modify/unregister/poll are the epoll
+# object's own methods: no Python frame between a handler and epoll_ctl.
 #
 # Facts about epoll worth knowing (epoll(7)):
 # - epoll watches the *open file description*, not the fd number.  close(fd)
@@ -328,25 +331,15 @@ def _oserror(code: int, what: str = "") -> OSError:
 
 class _EpollBackend:
     """epoll, level-triggered unless EV_ET; EV_IN also asks for EPOLLRDHUP."""
-    __slots__ = ("_ep", "poll")
+    __slots__ = ("_ep", "poll", "register", "modify", "unregister")
     name = "epoll"
     threadsafe_ctl = True      # epoll_ctl from another thread is safe and immediate
+    native = {ev: ev | _EPOLLRDHUP if ev & EV_IN else ev for ev in _EVENT_MASKS}
 
     def __init__(self) -> None:
-        self._ep = select.epoll()            # CPython opens it with EPOLL_CLOEXEC
-        self.poll = self._ep.poll            # poll(timeout_s, -1): -1 blocks forever
-
-    def register(self, fd: int, ev: int) -> None:
-        self._ep.register(fd, ev | _EPOLLRDHUP if ev & EV_IN else ev)
-
-    def modify(self, fd: int, ev: int) -> None:
-        self._ep.modify(fd, ev | _EPOLLRDHUP if ev & EV_IN else ev)
-
-    def unregister(self, fd: int) -> None:
-        try:
-            self._ep.unregister(fd)
-        except OSError:      # closed behind our back (EBADF) or already gone (ENOENT)
-            pass
+        ep = self._ep = select.epoll()       # CPython opens it with EPOLL_CLOEXEC
+        self.poll = ep.poll                  # poll(timeout_s, -1): -1 blocks forever
+        self.register, self.modify, self.unregister = ep.register, ep.modify, ep.unregister
 
     def drop_stale(self, fd: int, live: Callable[[], list]) -> None:
         """Forget ``fd``: epoll reports it but no handler owns it, because it was
@@ -369,7 +362,7 @@ class _EpollBackend:
             new.close()
         for lfd, ev in live():
             try:
-                self.register(lfd, ev)
+                self.register(lfd, self.native[ev])
             except FileExistsError:  # registered meanwhile by another thread (add_handler)
                 pass
 
@@ -389,6 +382,7 @@ class _SelectorsBackend:
     __slots__ = ("_sel",)
     name = "selectors"
     threadsafe_ctl = False     # a registration made while poll() sleeps is not seen
+    native = {ev: ev for ev in _EVENT_MASKS}
 
     def __init__(self) -> None:
         cls = selectors.DefaultSelector
@@ -632,6 +626,21 @@ _EMPTY_VIEW = memoryview(b"")
 _os_write = os.write      # the fd-level I/O of a poller that is not tracing (see _Poller)
 
 
+class _BareFd:
+    """The ``_sock`` of a handler that owns its fd without a socket object.
+
+    An accepted connection needs none on the hot path (I/O is fd-level), and
+    making one costs a getsockname() syscall and about 5 % of an accept's CPU.
+    ``IOHandle._socket()`` makes it on first need (peer, shutdown, abort)."""
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<bare fd>"
+
+
+_BARE = _BareFd()
+
+
 class IOHandle:
     """Base class of every handler.  Subclass it and override the ``on_*`` callbacks.
 
@@ -643,7 +652,8 @@ class IOHandle:
     Attributes: ``fd`` (-1 once closed), ``reactor`` (where ``on_open``
     registers), ``poller``, ``peer`` (the remote address), ``error`` (the
     OSError that ended the connection, if any), ``cache`` (the poller's dict),
-    ``sock_peer`` (the socket's own peer: the balancer, with the PROXY protocol).
+    ``sock_peer`` (the socket's own peer: the balancer, with the PROXY protocol),
+    ``sock`` (the socket, for options such as ``setsockopt``).
     """
     __slots__ = ("fd", "reactor", "poller", "_peer", "error", "_sock", "_wq", "_wq_bytes",
                  "_user", "_mask", "_state", "_eof", "_paused", "_shut_wr", "_timer",
@@ -861,7 +871,7 @@ class IOHandle:
         self._update()
         if self._shut_wr and self._sock is not None:
             try:
-                self._sock.shutdown(socket.SHUT_WR)
+                self._socket().shutdown(socket.SHUT_WR)
             except OSError:
                 pass
         if self._state == _CLOSING:
@@ -894,7 +904,9 @@ class IOHandle:
 
     def close(self) -> None:
         """Flush the send queue, then close; idempotent; from any thread."""
-        if self._posted_if_elsewhere(self.close):
+        p = self.poller                   # (_posted_if_elsewhere, inline: once per connection)
+        if p is not None and p._running and not p._mine._is_owned():
+            p._post(self.close)
             return
         if self._state:
             return
@@ -914,9 +926,10 @@ class IOHandle:
             self.dropped_bytes += self._wq_bytes
             self._wq.clear()
             self._wq_bytes = 0
-        if self._sock is not None and self._sock.family != socket.AF_UNIX:
+        s = self._socket()
+        if s is not None and s.family != socket.AF_UNIX:
             try:
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
             except OSError:
                 pass
         self._close_now()
@@ -930,7 +943,7 @@ class IOHandle:
         self._shut_wr = True
         if not self._wq and self._sock is not None:
             try:
-                self._sock.shutdown(socket.SHUT_WR)
+                self._socket().shutdown(socket.SHUT_WR)
             except OSError:
                 pass
 
@@ -953,8 +966,11 @@ class IOHandle:
     def _leave_poller(self, p: "_Poller") -> None:
         """Unregister from ``p`` and forget the fd there; the socket stays open."""
         if self._mask:
-            p._backend.unregister(self.fd)
             self._mask = 0
+            try:
+                p._backend.unregister(self.fd)
+            except OSError:     # closed behind goev's back (EBADF) or already gone (ENOENT)
+                pass
         if p._handlers.get(self.fd) is self:
             del p._handlers[self.fd]
 
@@ -964,7 +980,7 @@ class IOHandle:
         self.cancel_timer()
         self._leave_poller(self.poller)
         self._state = _CLOSED
-        sock, self._sock = self._sock, None
+        sock, self._sock = self._socket(), None
         return sock
 
     def _finish_close(self) -> None:
@@ -994,8 +1010,31 @@ class IOHandle:
             self._wq_bytes = 0
         sock, self._sock = self._sock, None
         if sock is not None:
-            self.fd = -1
-            sock.close()
+            fd, self.fd = self.fd, -1
+            if sock is _BARE:
+                os.close(fd)
+            else:
+                sock.close()
+
+    @property
+    def sock(self) -> Any:
+        """The connection's socket, for options and addresses (``setsockopt``,
+        ``getsockname``), not for I/O (use read/write).  An accepted connection
+        has none until this is read: it is made from the fd then, and kept.
+        For a TLS connection an object with the socket's option and address
+        methods.  None for a bare fd registered with ``add_handler``, and once
+        closed."""
+        return self._socket()
+
+    def _socket(self) -> Any:
+        """The socket object goev holds for this handler (None if none): for an
+        accepted connection made from the fd on first need, then kept."""
+        s = self._sock
+        if s is _BARE:
+            s = socket.socket(fileno=self.fd)   # family and type are read from the fd
+            s.setblocking(False)                # (the fd is already: this sets the object's timeout)
+            self._sock = s
+        return s
 
     @property
     def closed(self) -> bool:
@@ -1071,7 +1110,7 @@ class IOHandle:
         ``peer`` is the client the balancer announced and ``sock_peer`` the
         balancer.  Asked of the kernel on each call, so no handler carries an
         extra slot for it (memory per idle connection matters here)."""
-        s = self._sock
+        s = self._socket()
         if s is None:
             return None
         try:
@@ -1104,13 +1143,17 @@ class IOHandle:
             # old mask 0 there, an IN|HUP|ERR event (data then RST) was taken for
             # "not reading" and aborted, losing the bytes that came before the RST.
             self._mask = want
-            try:
-                if not want:
+            if not want:
+                try:
                     b.unregister(self.fd)
-                elif not have:
-                    b.register(self.fd, want)
+                except OSError:     # closed behind goev's back (EBADF) or already gone (ENOENT)
+                    pass
+                return
+            try:
+                if not have:
+                    b.register(self.fd, b.native[want])
                 else:
-                    b.modify(self.fd, want)
+                    b.modify(self.fd, b.native[want])
             except BaseException:
                 self._mask = have
                 raise
@@ -1186,7 +1229,7 @@ class _Poller:
         self._thread: Optional[threading.Thread] = None
         self._finished = threading.Event()
         self._drained = False              # set by Reactor.shutdown once this poller is empty
-        self._backend.register(self._waker.fd, EV_IN)
+        self._backend.register(self._waker.fd, self._backend.native[EV_IN])
 
     def __repr__(self) -> str:
         return "<goev poller %d %s handlers=%d timers=%d>" % (
@@ -1682,7 +1725,7 @@ class _TracedBackend:
 
     def __init__(self, backend: Any, say: Callable[[str], None]) -> None:
         self._b, self._say, self.name = backend, say, backend.name
-        self.threadsafe_ctl = backend.threadsafe_ctl
+        self.threadsafe_ctl, self.native = backend.threadsafe_ctl, backend.native
         self._ev: dict = {}
 
     def register(self, fd: int, ev: int) -> None:
@@ -1806,6 +1849,7 @@ class _TracePoller(_Poller):
         sys.stderr.flush()
 
     def _add(self, h: IOHandle, fd: int, events: int) -> None:
+        h._socket()                                 # (a bare fd: a socket to trace the close of)
         if isinstance(h._sock, _TLSTransport):      # TLS: trace the ciphertext syscalls
             h._sock.trace(self._say)
         elif h._sock is not None and not isinstance(h._sock, _TracedSocket):
@@ -2545,15 +2589,16 @@ class Acceptor(IOHandle):
 
     def on_read(self) -> bool:
         # socket.accept() is _accept() -> (fd, addr) plus a socket object built
-        # through two enum conversions: calling _accept() (there since Python 3.2)
-        # and building the object from plain ints halves the Python work of an
-        # accept -- and every readiness costs one more accept, the EAGAIN one.
-        # The object is socket.socket's C base class: it has every socket
-        # method goev uses, without socket.socket's Python-level __init__ and
-        # close() (8% of an accept's CPU).  A connection's socket is internal.
+        # through two enum conversions and a getsockname() syscall.  A plain
+        # connection needs no object at all: its I/O is fd-level, so it keeps
+        # the bare fd (see _BareFd) and os.set_blocking() -- one ioctl, without
+        # releasing the GIL -- makes it non-blocking.  TLS, the PROXY protocol
+        # and a per-accept TCP_NODELAY need an object: socket.socket's C base
+        # class, without its Python-level __init__ and close().
         accept = self._sock._accept
         family = int(self._family)
         make_socket = _CSocket
+        set_blocking = os.set_blocking
         factory = self.factory
         conn_reactor = self.conn_reactor
         nodelay = self._nodelay
@@ -2576,27 +2621,34 @@ class Acceptor(IOHandle):
                 if e.errno in _ACCEPT_SKIP:
                     continue
                 raise
-            conn = make_socket(family, socket.SOCK_STREAM, 0, fd)
-            conn.setblocking(False)
-            if nodelay:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if proxy:                          # the PROXY header first: no user code before it
-                self._read_proxy_header(conn, addr)
-                continue
+            if nodelay or proxy or tls is not None:
+                conn = make_socket(family, socket.SOCK_STREAM, 0, fd)
+                conn.setblocking(False)
+                if nodelay:
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if proxy:                      # the PROXY header first: no user code before it
+                    self._read_proxy_header(conn, addr)
+                    continue
+            else:
+                conn = _BARE
+                set_blocking(fd, False)
             try:
                 h = factory()
                 if not isinstance(h, IOHandle):
                     raise TypeError("factory returned %r, not an IOHandle" % (h,))
             except Exception:
                 _log.exception("%s: handler factory failed", _safe_repr(self))
-                conn.close()
+                if conn is _BARE:
+                    os.close(fd)
+                else:
+                    conn.close()
                 continue
             if tls is not None:                # the handshake first, then on_open (section 11)
                 h.reactor = conn_reactor
                 _TLSHandshake.launch(h, conn, tls, True, None, self._tls_timeout, addr)
                 continue
             h._sock = conn
-            h.fd = conn.fileno()              # (peer: asked of the socket when read)
+            h.fd = fd                         # (peer: asked of the socket when read)
             h.reactor = conn_reactor
             _open_handler(h)
         return True

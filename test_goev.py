@@ -360,6 +360,62 @@ def test_accepted_tcp_connections_have_nodelay(make_reactor, npollers):
                 assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0, a
 
 
+def test_accepted_connection_sock_made_on_first_use(make_reactor, npollers):
+    """An accepted connection keeps a bare fd (no socket object) until ``sock``
+    (or ``peer``) is read; then ``sock`` is a socket.socket on that fd, good for
+    options, and kept.  Both kinds close their fd; ``sock`` is None after close
+    and for a bare fd registered with add_handler."""
+    seen = queue.Queue()
+
+    class Probe(Echo):
+        def on_open(self):
+            seen.put((self._sock, self.fd))
+            return super().on_open()
+
+    class UseSock(Echo):
+        def on_open(self):
+            s = self.sock
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            seen.put((s, self.fd, s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                      self.sock is s, self.peer))
+            return super().on_open()
+
+    r = make_reactor(npollers)
+    a1 = goev.Acceptor(r, "127.0.0.1:0", Probe)
+    a2 = goev.Acceptor(r, "127.0.0.1:0", UseSock)
+    r.start()
+    with socket.create_connection(a1.address) as c:
+        c.sendall(b"x")
+        assert recv_exact(c, 1) == b"x"
+        bare, fd = seen.get(timeout=WAIT)
+        assert bare is goev._BARE and fd >= 0
+    with socket.create_connection(a2.address) as c:
+        c.sendall(b"y")
+        assert recv_exact(c, 1) == b"y"
+        s, fd, keep, same, peer = seen.get(timeout=WAIT)
+        assert type(s) is socket.socket and s.fileno() == fd and s.family == socket.AF_INET
+        assert keep != 0 and same and peer == c.getsockname()
+    wait_until(lambda: s.fileno() == -1, what="the made socket closed with the handler")
+    rfd, wfd = os.pipe()
+    try:
+        os.set_blocking(rfd, False)
+        closed = threading.Event()
+
+        class Pipe(Echo):
+            def on_close(self):
+                super().on_close()
+                closed.set()
+        h = Pipe()
+        r.add_handler(h, rfd, goev.EV_IN)
+        assert h.sock is None
+        h.close()
+        assert closed.wait(WAIT)
+        os.fstat(rfd)                      # still open: a bare fd stays the caller's
+    finally:
+        os.close(rfd)
+        os.close(wfd)
+
+
 def test_handler_on_pipe_fds(make_reactor):
     """read()/write() work on any fd, not only sockets: 1 MiB goes from a
     handler on a pipe's write end (partial writes, queued, gathered) to one on
@@ -4712,7 +4768,7 @@ def test_trace_partial_send_and_out_armed(backend, capfd):
             def on_open(self):
                 # a small send buffer: the 8 MiB write cannot go out in one send,
                 # even with the client reading concurrently on the other core
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
                 return super().on_open()
 
             def on_read(self):
@@ -5329,7 +5385,7 @@ def test_tls_backpressure_slow_reader(make_reactor, server_ctx, client_ctx):
         def on_open(self):
             handlers.append(self)
             # Small kernel buffers, so the queue (not the kernel) must absorb the echo.
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
             return super().on_open()
 
         def write(self, data):
@@ -7391,7 +7447,7 @@ def test_water_marks_validated_and_drained_writes_elsewhere(make_reactor):
 
     class Src(goev.IOHandle):
         def on_open(self):
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
             self.set_write_buffer_limits(1024, 256)
             self.reactor.add_handler(self, self.fd, goev.EV_IN)
             self.chunks = [data[i:i + 32768] for i in range(0, total, 32768)]
@@ -7520,7 +7576,7 @@ def test_random_chunks_both_ways_tiny_sndbuf(make_reactor, npollers):
 
     class Both(goev.IOHandle):
         def on_open(self):
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 10000)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 10000)
             self.got = bytearray()
             self.reactor.add_handler(self, self.fd, goev.EV_IN)
             r2 = random.Random(seed + 2)
@@ -7693,12 +7749,17 @@ def test_closed_handler_releases_fd_and_references(make_reactor, npollers):
         c, h = _connect_pair(a, got)
         c.sendall(b"abc")
         recv_exact(c, 3)
-        sock = h._sock
+        fd = h.fd
+        ino = os.fstat(fd).st_ino             # the connection's socket inode
         refs.append(weakref.ref(h))
         c.close()
         wait_until(lambda: h.fd == -1 and h.closed, what="close")
-        assert sock.fileno() == -1
-        del h, sock
+        assert h._sock is None
+        try:                                  # closed: EBADF, or the number reused by another file
+            assert os.fstat(fd).st_ino != ino
+        except OSError:
+            pass
+        del h
     for p in r.pollers:
         _reliability_on_poller(p, lambda: None)
     while not got.empty():

@@ -58,6 +58,7 @@ def server_cmd(name, kind, addr):
     srv = harness.SERVERS_DIR
     return {"goev": [py, "-m", "goev", kind, addr, "--pollers", "1"],
             "epoll_floor": [py, os.path.join(srv, "epoll_floor.py"), kind, addr],
+            "epoll_min": [py, os.path.join(srv, "epoll_min.py"), kind, addr],
             "asyncio": [py, os.path.join(srv, "asyncio_server.py"), kind, addr],
             "uvloop": [harness.VENV_PY, os.path.join(srv, "asyncio_server.py"),
                        "--uvloop", kind, addr]}[name]
@@ -115,11 +116,13 @@ def main():
     ap.add_argument("--servers", default="goev,epoll_floor,uvloop,asyncio")
     ap.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated: " + ",".join(SCENARIOS))
     ap.add_argument("--seconds", type=int, default=3, help="load window per measurement (default 3)")
+    ap.add_argument("--keep", metavar="DIR", help="keep the callgrind dumps in DIR "
+                    "(read them with callgrind_annotate)")
     args = ap.parse_args()
     servers = [s for s in args.servers.split(",") if s]
     scenarios = [s for s in args.only.split(",") if s]
     for s in servers:
-        if s not in ("goev", "epoll_floor", "uvloop", "asyncio"):
+        if s not in ("goev", "epoll_floor", "epoll_min", "uvloop", "asyncio"):
             ap.error("unknown server %r" % s)
     for s in scenarios:
         if s not in SCENARIOS:
@@ -137,6 +140,9 @@ def main():
         print("note:", n, file=sys.stderr)
     res = {}
     with tempfile.TemporaryDirectory(prefix="goev-icount-") as tmp:
+        if args.keep:
+            os.makedirs(args.keep, exist_ok=True)
+            tmp = args.keep
         for sc in scenarios:
             for name in servers:
                 t0 = time.monotonic()

@@ -46,12 +46,14 @@ TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 ALL_SERVERS = ["goev", "asyncio", "uvloop", "threads", "epoll_floor"]
+EXTRA_SERVERS = ["epoll_min"]   # echo only, a lower bound: run when named in --servers
 SERVER_TITLES = {
     "goev": "goev",
     "asyncio": "asyncio (Protocol)",
     "uvloop": "uvloop (Protocol)",
     "threads": "thread per conn",
     "epoll_floor": "epoll floor",
+    "epoll_min": "pure-Python minimum",
 }
 COLORS = {
     "goev": "#2b7bba",
@@ -59,6 +61,7 @@ COLORS = {
     "uvloop": "#e08a2c",
     "threads": "#9b59b6",
     "epoll_floor": "#3aa655",
+    "epoll_min": "#c0392b",
 }
 
 # Scenario table: name -> what to run.  "unit" names the thing counted.
@@ -356,8 +359,8 @@ class Server:
             cmd = [VENV_PY, os.path.join(SERVERS_DIR, "asyncio_server.py"), "--uvloop", kind, addr]
         elif name == "threads":
             cmd = [sys.executable, os.path.join(SERVERS_DIR, "threads_server.py"), kind, addr]
-        elif name == "epoll_floor":
-            cmd = [sys.executable, os.path.join(SERVERS_DIR, "epoll_floor.py"), kind, addr]
+        elif name in ("epoll_floor", "epoll_min"):
+            cmd = [sys.executable, os.path.join(SERVERS_DIR, name + ".py"), kind, addr]
         else:
             raise ValueError(name)
         self.cmd = cmd
@@ -912,7 +915,7 @@ def main(argv=None):
     ap.add_argument("--duration", type=float, help="seconds per measurement (default 5, --quick 2)")
     ap.add_argument("--runs", type=int, help="runs per server and scenario (default 3, --quick 1)")
     ap.add_argument("--only", help="comma-separated scenarios: " + ",".join(s["name"] for s in SCENARIOS))
-    ap.add_argument("--servers", default=",".join(ALL_SERVERS), help="comma-separated subset of " + ",".join(ALL_SERVERS))
+    ap.add_argument("--servers", default=",".join(ALL_SERVERS), help="comma-separated subset of " + ",".join(ALL_SERVERS + EXTRA_SERVERS))
     ap.add_argument("--no-write", action="store_true", help="print the tables, do not write RESULTS.md/results.svg")
     ap.add_argument("--max-noise", type=float, default=0.3,
                     help="other processes' share of a pinned CPU above which the harness waits before a "
@@ -933,7 +936,7 @@ def main(argv=None):
     if dur <= 0 or dur > 60 or runs < 1 or runs > 20:
         ap.error("--duration must be in (0, 60] and --runs in [1, 20]")
     servers = [s.strip() for s in a.servers.split(",") if s.strip()]
-    bad = [s for s in servers if s not in ALL_SERVERS]
+    bad = [s for s in servers if s not in ALL_SERVERS + EXTRA_SERVERS]
     if bad:
         ap.error("unknown server(s): %s" % ", ".join(bad))
     if a.only:
@@ -978,6 +981,8 @@ def main(argv=None):
             return False
         if srv == "goev":
             return goev_http if sc["kind"] == "http" else goev_echo
+        if srv == "epoll_min":
+            return sc["kind"] == "echo"
         return True
 
     info = machine_info()
