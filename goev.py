@@ -659,6 +659,8 @@ class IOHandle:
                  "_user", "_mask", "_state", "_eof", "_paused", "_shut_wr", "_timer",
                  "_high", "_low", "dropped_bytes", "_owner", "__weakref__")
 
+    _plain_update = True      # _update not overridden (TLS does): _add may skip it
+
     def __new__(cls, *args: Any, **kwargs: Any) -> "IOHandle":
         self = object.__new__(cls)
         self.fd = -1
@@ -730,11 +732,12 @@ class IOHandle:
                 # object, the largest cost of a small read.
                 try:
                     v = p._views[n]
-                    len(v)          # raises for None (a new length) and for a view
-                    return v        # that a user release()d
-                except (TypeError, ValueError):
-                    v = p._views[n] = p._rview[:n]
-                    return v
+                    if v:           # None (a new length) is false; a view a user
+                        return v    # release()d raises ValueError
+                except ValueError:
+                    pass
+                v = p._views[n] = p._rview[:n]
+                return v
             v = p._long_view                # a long read: the last one's length again?
             try:                            # (fixed-size messages, a full buffer)
                 if len(v) == n:
@@ -744,8 +747,14 @@ class IOHandle:
             v = p._long_view = p._rview[:n]
             return v
         self._eof = True
-        if self._mask:
-            self._update()              # stop reading
+        if self._mask == EV_IN:         # stop reading: _update's result, without its frame
+            self._mask = 0
+            try:
+                p._backend.unregister(self.fd)
+            except OSError:
+                pass
+        elif self._mask:
+            self._update()
         return _EMPTY_VIEW
 
     # -- writing ----------------------------------------------------------------
@@ -758,7 +767,11 @@ class IOHandle:
         ``dropped_bytes``.  Above the high water mark reading pauses.
         """
         p = self.poller
-        if p is not None and not p._mine._is_owned():
+        if p is None:                     # not registered yet (a write in on_open)
+            write = _os_write
+        elif p._mine._is_owned():
+            write = p._write
+        else:
             self.async_write(data)
             return
         if self._state or self._shut_wr:
@@ -768,7 +781,7 @@ class IOHandle:
             self._enqueue(bytes(memoryview(data)))
             return
         try:
-            n = (_os_write if p is None else p._write)(self.fd, data)
+            n = write(self.fd, data)
         except BlockingIOError:
             n = 0
         except OSError as e:
@@ -1510,9 +1523,17 @@ class _Poller:
             raise ValueError("fd %d is already registered to %s" % (fd, _safe_repr(old)))
         self._handlers[fd] = h
         try:
-            h._mask = 0
-            h._update()
+            if events == EV_IN and h._plain_update and not (h._wq or h._eof or h._paused or h._state):
+                # The usual registration: _update's result without its frame
+                # (once per connection), the mask published first as there.
+                h._mask = EV_IN
+                b = self._backend
+                b.register(fd, b.native[EV_IN])
+            else:
+                h._mask = 0
+                h._update()
         except BaseException:
+            h._mask = 0
             del self._handlers[fd]
             h.poller = None
             raise
@@ -3122,6 +3143,8 @@ class _TLSMixin(IOHandle):
             return
         self._tls_close_notify()
         IOHandle.shutdown_write(self)
+
+    _plain_update = False
 
     def _update(self) -> None:
         # Plaintext may be waiting in the BIOs when reading (re)starts -- sent
