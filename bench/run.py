@@ -420,8 +420,8 @@ class Server:
     def alive(self):
         return self.proc.poll() is None
 
-    def stop(self):
-        rc = reap(self.proc, timeout=5.0)
+    def stop(self, timeout=5.0):
+        rc = reap(self.proc, timeout=timeout)
         self.errfile.close()
         return rc
 
@@ -583,7 +583,8 @@ def measure(name, sc, dur, cfg):
             res["note"] = "server died during the run (rc=%s): %s" % (srv.proc.returncode, srv.stderr_tail()[-300:])
     finally:
         tail = srv.stderr_tail()
-        rc = srv.stop()
+        # (the kernel takes seconds to tear down 10 000 connection threads)
+        rc = srv.stop(timeout=20.0 if sc["tool"] == "idle" else 5.0)
     if rc != 0:
         res["exit_note"] = "exit code %s after SIGTERM (expected 0)" % rc
     if re.search(r"traceback|error|exception|warning", tail, re.I):
