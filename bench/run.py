@@ -53,7 +53,7 @@ SERVER_TITLES = {
     "uvloop": "uvloop (Protocol)",
     "threads": "thread per conn",
     "epoll_floor": "epoll floor",
-    "epoll_min": "pure-Python minimum",
+    "epoll_min": "epoll minimum",
 }
 COLORS = {
     "goev": "#2b7bba",
@@ -874,6 +874,12 @@ def write_report(results, servers, notes, info, args_line, wall, write_files=Tru
           warm, "",
           "The machine is shared and noisy (2 cores); compare ratios within one run rather than "
           "absolute numbers across runs.", ""]
+    notes = [n for n in notes if not n.startswith("`epoll minimum`")]
+    if "epoll_min" in servers:
+        notes.append("`epoll minimum` (bench/servers/epoll_min.py, echo only) is not a server but a "
+                     "lower bound: the cheapest echo loop CPython can run (fd-level os.readv/os.write, "
+                     "one view per length, no handler objects, no call per event, no write queue).  "
+                     "It shows what a pure-Python reactor's abstractions cost on top of the kernel.")
     if notes:
         md.append("Notes:")
         md.append("")
