@@ -1032,21 +1032,38 @@ class IOHandle:
     @property
     def sock(self) -> Any:
         """The connection's socket, for options and addresses (``setsockopt``,
-        ``getsockname``), not for I/O (use read/write).  An accepted connection
-        has none until this is read: it is made from the fd then, and kept.
-        For a TLS connection an object with the socket's option and address
-        methods.  None for a bare fd registered with ``add_handler``, and once
-        closed."""
-        return self._socket()
+        ``getsockname``); not for I/O (use read/write) and not to close (goev
+        does).  An accepted connection has none until this is first read: in
+        a callback (on the handler's poller thread) it is made from the fd
+        then, and kept.  Read from another thread while that poller runs
+        (also in ``on_open`` after ``add_handler`` placed the handler on
+        another poller) it is a new object each time, on a dup of the fd:
+        options set there apply to the connection; close it when done.  For
+        a TLS connection an object with the socket's option and address
+        methods.  None for a bare fd registered with ``add_handler``, and
+        once closed."""
+        s = self._socket()
+        if s is _BARE:
+            try:
+                return socket.socket(fileno=os.dup(self.fd))
+            except (OSError, ValueError):      # closed meanwhile
+                return None
+        return s
 
     def _socket(self) -> Any:
-        """The socket object goev holds for this handler (None if none): for an
-        accepted connection made from the fd on first need, then kept."""
+        """The socket object goev holds for this handler (None if none).  An
+        accepted connection's is made from its fd on first need and kept, but
+        only where handler state may be touched (the poller's thread, or no
+        poller running): made on another thread while the poller closes the
+        handler, it could outlive the fd and later close a reused number.
+        There this returns _BARE unchanged."""
         s = self._sock
         if s is _BARE:
-            s = socket.socket(fileno=self.fd)   # family and type are read from the fd
-            s.setblocking(False)                # (the fd is already: this sets the object's timeout)
-            self._sock = s
+            p = self.poller
+            if p is None or not p._running or p._mine._is_owned():
+                s = socket.socket(fileno=self.fd)   # family and type are read from the fd
+                s.setblocking(False)                # (the fd is already: this sets the object's timeout)
+                self._sock = s
         return s
 
     @property
@@ -1127,8 +1144,14 @@ class IOHandle:
         if s is None:
             return None
         try:
+            if s is _BARE:          # another thread, an accepted connection: ask through a
+                t = socket.socket(fileno=self.fd)   # throwaway object that never closes the fd
+                try:
+                    return t.getpeername()
+                finally:
+                    t.detach()
             return s.getpeername()
-        except OSError:
+        except (OSError, ValueError):   # closed, reset, or (racing a close) not a socket any more
             return None
 
     def _update(self) -> None:

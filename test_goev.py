@@ -416,6 +416,41 @@ def test_accepted_connection_sock_made_on_first_use(make_reactor, npollers):
         os.close(wfd)
 
 
+def test_accepted_connection_sock_off_the_poller_thread(make_reactor, npollers):
+    """Off the poller's thread an accepted connection's socket is not made and
+    kept (it could outlive the fd): ``peer`` asks through a throwaway object,
+    ``sock`` is a new object on a dup of the fd whose options apply to the
+    connection.  On the poller's thread ``sock`` is made once and kept."""
+    opened = queue.Queue()
+
+    class Rec(Echo):
+        def on_open(self):
+            ok = super().on_open()
+            opened.put(self)
+            return ok
+
+    r = make_reactor(npollers)
+    a = goev.Acceptor(r, "127.0.0.1:0", Rec)
+    r.start()
+    with socket.create_connection(a.address) as c:
+        h = opened.get(timeout=WAIT)
+        assert h.peer == c.getsockname()
+        assert h._sock is goev._BARE                  # asked, not made
+        s = h.sock
+        assert s.fileno() != h.fd
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        s.close()                                     # closes the dup only
+        got = queue.Queue()
+        r.post_to(h, lambda: got.put((h.sock, h.sock, h.sock.getsockopt(socket.SOL_SOCKET,
+                                                                         socket.SO_KEEPALIVE))))
+        s1, s2, keep = got.get(timeout=WAIT)
+        assert s1 is s2 and s1.fileno() == h.fd and keep != 0
+        c.sendall(b"still here")
+        assert recv_exact(c, 10) == b"still here"
+    wait_until(lambda: h.fd == -1, what="handler closed")
+    assert h.sock is None and h.peer is None
+
+
 def test_handler_on_pipe_fds(make_reactor):
     """read()/write() work on any fd, not only sockets: 1 MiB goes from a
     handler on a pipe's write end (partial writes, queued, gathered) to one on
