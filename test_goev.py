@@ -421,19 +421,9 @@ def test_accepted_connection_sock_off_the_poller_thread(make_reactor, npollers):
     kept (it could outlive the fd): ``peer`` asks through a throwaway object,
     ``sock`` is a new object on a dup of the fd whose options apply to the
     connection.  On the poller's thread ``sock`` is made once and kept."""
-    opened = queue.Queue()
-
-    class Rec(Echo):
-        def on_open(self):
-            ok = super().on_open()
-            opened.put(self)
-            return ok
-
-    r = make_reactor(npollers)
-    a = goev.Acceptor(r, "127.0.0.1:0", Rec)
-    r.start()
-    with socket.create_connection(a.address) as c:
-        h = opened.get(timeout=WAIT)
+    r, a, connect = served(make_reactor, npollers)
+    c, h = connect()
+    with c:
         assert h.peer == c.getsockname()
         assert h._sock is goev._BARE                  # asked, not made
         s = h.sock

@@ -42,15 +42,7 @@ SCENARIOS = ("echo", "echo16k", "http", "accept")
 
 
 def ensure_valgrind():
-    if shutil.which("valgrind") and shutil.which("callgrind_control"):
-        return True
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return False
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    if harness._run(["apt-get", "install", "-y", "valgrind"], env=env).returncode != 0:
-        harness._run(["apt-get", "update"], env=env)
-        harness._run(["apt-get", "install", "-y", "valgrind"], env=env)
-    return bool(shutil.which("valgrind"))
+    return not harness.apt_install("valgrind", "valgrind") and bool(shutil.which("callgrind_control"))
 
 
 def server_cmd(name, kind, addr):
@@ -119,25 +111,14 @@ def main():
     ap.add_argument("--keep", metavar="DIR", help="keep the callgrind dumps in DIR "
                     "(read them with callgrind_annotate)")
     args = ap.parse_args()
-    servers = [s for s in args.servers.split(",") if s]
-    scenarios = [s for s in args.only.split(",") if s]
-    for s in servers:
-        if s not in ("goev", "epoll_floor", "epoll_min", "uvloop", "asyncio"):
-            ap.error("unknown server %r" % s)
-    for s in scenarios:
-        if s not in SCENARIOS:
-            ap.error("unknown scenario %r" % s)
-    notes = []
+    servers = harness.split_checked(ap, args.servers, ("goev", "epoll_floor", "epoll_min", "uvloop", "asyncio"),
+                                    "server")
+    scenarios = harness.split_checked(ap, args.only, SCENARIOS, "scenario")
     if not ensure_valgrind():
         print("valgrind is missing and cannot be installed here", file=sys.stderr)
         return 1
-    if not harness.ensure_loadgen(notes) or ("http" in scenarios and not harness.ensure_wrk(notes)):
-        print("\n".join(notes), file=sys.stderr)
+    if not harness.ensure_tools(servers, "http" in scenarios):
         return 1
-    if "uvloop" in servers and not harness.ensure_uvloop(notes):
-        servers.remove("uvloop")
-    for n in notes:
-        print("note:", n, file=sys.stderr)
     res = {}
     with tempfile.TemporaryDirectory(prefix="goev-icount-") as tmp:
         if args.keep:

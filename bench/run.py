@@ -104,23 +104,54 @@ def _run(cmd, timeout=600, **kw):
                           universal_newlines=True, timeout=timeout, **kw)
 
 
-def ensure_wrk(notes):
-    if shutil.which("wrk"):
-        return True
-    log("wrk not found: installing it with apt-get")
+def apt_install(command, package):
+    """Make ``command`` available, installing Debian's ``package`` if needed:
+    None when it is there, else why it could not be installed."""
+    if shutil.which(command):
+        return None
+    log("%s not found: installing it with apt-get" % command)
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        notes.append("wrk is missing and cannot be installed here (need root and apt-get): HTTP scenarios skipped.")
-        return False
+        return "%s is missing and cannot be installed here (need root and apt-get)" % command
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    r = _run(["apt-get", "install", "-y", "wrk"], env=env)
+    r = _run(["apt-get", "install", "-y", package], env=env)
     if r.returncode != 0:
         _run(["apt-get", "update"], env=env)
-        r = _run(["apt-get", "install", "-y", "wrk"], env=env)
-    if shutil.which("wrk"):
-        return True
-    notes.append("wrk could not be installed (apt-get failed): HTTP scenarios skipped.")
+        r = _run(["apt-get", "install", "-y", package], env=env)
+    if shutil.which(command):
+        return None
     log(r.stdout[-2000:])
-    return False
+    return "%s could not be installed (apt-get failed)" % command
+
+
+def split_checked(ap, value, known, what):
+    """A comma-separated option as a list; an item not in ``known`` is a usage error."""
+    items = [v for v in value.split(",") if v]
+    for v in items:
+        if v not in known:
+            ap.error("unknown %s %r (known: %s)" % (what, v, ", ".join(known)))
+    return items
+
+
+def ensure_tools(servers, need_wrk):
+    """For the side tools (icount.py, syscalls.py): build the load generator,
+    install wrk if asked, drop uvloop from ``servers`` if it cannot be had.
+    Prints the notes; False if the measurement cannot run."""
+    notes = []
+    if not ensure_loadgen(notes) or (need_wrk and not ensure_wrk(notes)):
+        print("\n".join(notes), file=sys.stderr)
+        return False
+    if "uvloop" in servers and not ensure_uvloop(notes):
+        servers.remove("uvloop")
+    for n in notes:
+        print("note:", n, file=sys.stderr)
+    return True
+
+
+def ensure_wrk(notes):
+    why = apt_install("wrk", "wrk")
+    if why:
+        notes.append(why + ": HTTP scenarios skipped.")
+    return not why
 
 
 def ensure_uvloop(notes):

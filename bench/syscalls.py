@@ -23,7 +23,6 @@ Loopback only; it ends only the processes it started.
 import argparse
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -36,15 +35,7 @@ SCENARIOS = {"echo": ["echo", "50", "1", "64"], "accept": ["connect", "16"]}
 
 
 def ensure_strace():
-    if shutil.which("strace"):
-        return True
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return False
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    if harness._run(["apt-get", "install", "-y", "strace"], env=env).returncode != 0:
-        harness._run(["apt-get", "update"], env=env)
-        harness._run(["apt-get", "install", "-y", "strace"], env=env)
-    return bool(shutil.which("strace"))
+    return not harness.apt_install("strace", "strace")
 
 
 def parse_strace_c(text):
@@ -93,25 +84,13 @@ def main():
     ap.add_argument("--only", default="echo,accept", help="comma-separated: echo,accept")
     ap.add_argument("--seconds", type=int, default=3, help="load window per measurement (default 3)")
     args = ap.parse_args()
-    servers = [s for s in args.servers.split(",") if s]
-    scenarios = [s for s in args.only.split(",") if s]
-    for s in servers:
-        if s not in harness.ALL_SERVERS + harness.EXTRA_SERVERS:
-            ap.error("unknown server %r" % s)
-    for s in scenarios:
-        if s not in SCENARIOS:
-            ap.error("unknown scenario %r" % s)
-    notes = []
+    servers = harness.split_checked(ap, args.servers, harness.ALL_SERVERS + harness.EXTRA_SERVERS, "server")
+    scenarios = harness.split_checked(ap, args.only, list(SCENARIOS), "scenario")
     if not ensure_strace():
         print("strace is missing and cannot be installed here", file=sys.stderr)
         return 1
-    if not harness.ensure_loadgen(notes):
-        print("\n".join(notes), file=sys.stderr)
+    if not harness.ensure_tools(servers, False):
         return 1
-    if "uvloop" in servers and not harness.ensure_uvloop(notes):
-        servers.remove("uvloop")
-    for n in notes:
-        print("note:", n, file=sys.stderr)
     cpus = sorted(os.sched_getaffinity(0))
     cfg = dict(server_cpu=cpus[0], load_cpu=cpus[-1] if len(cpus) > 1 else None,
                goev_extra=["--pollers", "1"])
