@@ -141,10 +141,6 @@ _MAX_POLL_TIMEOUT = 86400.0     # epoll takes an int of ms: clamp far timers to 
 _COMPACT_MIN = 64               # lazily cancelled timers tolerated before compaction is considered
 _TLS_HANDSHAKE_TIMEOUT = 10.0   # seconds for a TLS handshake (asyncio: 60, generous to slowloris)
 
-# Errors that mean "the peer is gone": close quietly, never log a traceback.
-_DISCONNECTED = frozenset((errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN,
-                           errno.ESHUTDOWN, errno.ECONNABORTED, errno.ETIMEDOUT,
-                           errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EBADF))
 # accept() errors that mean "out of a resource, try again later".  Linux keeps
 # reporting the listener readable, so retrying at once would spin: pause instead.
 _ACCEPT_TRANSIENT = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
@@ -3424,10 +3420,6 @@ class ConnectPool:
     def live(self) -> int:
         """Open connections owned by the pool (idle or acquired)."""
         return len(self._members) - len(self._pending)
-
-    @property
-    def _connecting(self) -> int:
-        return len(self._pending)
 
     def acquire(self) -> Optional[IOHandle]:
         """An open idle handler, or None (a refill is then triggered).  Any thread."""
