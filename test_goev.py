@@ -727,8 +727,13 @@ class _Flood(goev.IOHandle):
     """Writes TOTAL bytes in CHUNK pieces while pending_write_bytes <= HIGH,
     continuing in on_write_drained; records every on_read with the queue size
     at that moment.  Closes once everything is written and the client said bye."""
-    HIGH = 256 * 1024
-    LOW = 16 * 1024        # far below HIGH: the kernel may still take ~128 KiB during a stall
+    # During a stall the queue may shrink only by what the kernel still takes, and
+    # it must stay above LOW.  With these buffers the kernel usually takes ~120 KiB
+    # but up to ~250 KiB (Linux 6.x: the send queue may pass SO_SNDBUF by one 64 KiB
+    # loopback segment, and the receive window nears the whole SO_RCVBUF).  A HIGH
+    # of 256 KiB failed once in CI; 1 MiB leaves a 3x margin.
+    HIGH = 1024 * 1024
+    LOW = 16 * 1024
     CHUNK = 16 * 1024
     data = b""
     closes = 0
