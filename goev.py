@@ -32,8 +32,9 @@ an inbox for work sent from other threads.  A handler is placed on
 ``poller[fd % N]`` when it is registered and stays there for life, so every
 callback of one handler runs on one thread, one at a time, and handlers need
 no locks.  Other threads talk to a handler only through ``async_write``,
-``close`` (both routed through the inbox when called off-thread),
-``Reactor.post``/``post_to`` and ``Reactor.call_later``.  One exception:
+``close`` (both routed through the inbox when called off-thread once the
+reactor started, so they keep their call order), ``Reactor.post``/``post_to``
+and ``Reactor.call_later``.  One exception:
 ``on_open`` runs on the thread that accepted or connected, *before* the
 handler is registered -- so register last in it (as the default does): from
 then on the handler's own poller may already be calling ``on_read``.  Under
@@ -765,7 +766,7 @@ class IOHandle:
         p = self.poller
         if p is None:                     # not registered yet (a write in on_open)
             write = _os_write
-        elif p._mine._is_owned():
+        elif p._mine._is_owned() or not p.reactor._started:   # (see _Poller._foreign)
             write = p._write
         else:
             self.async_write(data)
@@ -799,7 +800,7 @@ class IOHandle:
         it is tied to this handler object, never to the fd number, so a new
         handler that reuses the number never receives it."""
         p = self.poller
-        if p is None or p._mine._is_owned():
+        if p is None or p._mine._is_owned() or not p.reactor._started:
             self.write(data)
             return
         # bytes(memoryview(x)) copies any buffer and, unlike bytes(x), rejects an
@@ -903,10 +904,11 @@ class IOHandle:
     # -- closing ------------------------------------------------------------------
 
     def _posted_if_elsewhere(self, method: Callable[[], None]) -> bool:
-        """Called off the owning poller's thread while it runs: post ``method``
-        there and return True (a handler's state is only touched on its poller)."""
+        """Called off the owning poller's thread once the reactor started (see
+        _Poller._foreign): post ``method`` there and return True (a handler's
+        state is only touched on its poller)."""
         p = self.poller
-        if p is not None and p._running and not p._mine._is_owned():
+        if p is not None and p._foreign():
             p._post(method)
             return True
         return False
@@ -914,7 +916,7 @@ class IOHandle:
     def close(self) -> None:
         """Flush the send queue, then close; idempotent; from any thread."""
         p = self.poller                   # (_posted_if_elsewhere, inline: once per connection)
-        if p is not None and p._running and not p._mine._is_owned():
+        if p is not None and not p._mine._is_owned() and p._foreign():
             p._post(self.close)
             return
         if self._state:
@@ -1031,7 +1033,7 @@ class IOHandle:
         ``getsockname``); not for I/O (use read/write) and not to close (goev
         does).  An accepted connection has none until this is first read: in
         a callback (on the handler's poller thread) it is made from the fd
-        then, and kept.  Read from another thread while that poller runs
+        then, and kept.  Read from another thread once the reactor started
         (also in ``on_open`` after ``add_handler`` placed the handler on
         another poller) it is a new object each time, on a dup of the fd:
         options set there apply to the connection; close it when done.  For
@@ -1049,14 +1051,14 @@ class IOHandle:
     def _socket(self) -> Any:
         """The socket object goev holds for this handler (None if none).  An
         accepted connection's is made from its fd on first need and kept, but
-        only where handler state may be touched (the poller's thread, or no
-        poller running): made on another thread while the poller closes the
+        only where handler state may be touched (the poller's thread, or
+        before start()): made on another thread while the poller closes the
         handler, it could outlive the fd and later close a reused number.
         There this returns _BARE unchanged."""
         s = self._sock
         if s is _BARE:
             p = self.poller
-            if p is None or not p._running or p._mine._is_owned():
+            if p is None or p._mine._is_owned() or not p.reactor._started:
                 s = socket.socket(fileno=self.fd)   # family and type are read from the fd
                 s.setblocking(False)                # (the fd is already: this sets the object's timeout)
                 self._sock = s
@@ -1282,6 +1284,23 @@ class _Poller:
     # client sends after it) runs before that event's callback.  Once the
     # poller has shut down, the producer that sees _inbox_closed drops what it
     # appended (the same append-then-test order: no item is left unaccounted).
+
+    def _foreign(self) -> bool:
+        """Must a control call (close, abort, shutdown_write, event changes, a
+        pool's bookkeeping) made on this thread be posted to this poller?  Yes
+        from any other thread from start() until the loop has ended.
+
+        Not "while _running": the thread sets that only once it runs, and a call
+        acting directly in that window raced the first pass (a shutdown_write
+        sent its FIN ahead of the writes posted just before it).  Before start()
+        there is no loop to race.  Once the loop has ended (_done) the poller is
+        closing every handler itself and drops what is posted too late, so such
+        calls act directly, as they did before that fix.  Data is stricter:
+        write(), async_write and the socket object are touched directly only on
+        the poller's thread or before start(); anything else goes through the
+        inbox, whose drops are counted.  The hot paths test
+        ``_mine._is_owned()`` inline first (the usual answer)."""
+        return not self._mine._is_owned() and self.reactor._started and not self._done
 
     def _post(self, fn: Callable, *args: Any) -> None:
         self._inbox.append((fn, args))
@@ -2085,7 +2104,7 @@ class Reactor:
         p = self._poller_for(fd)
         if fd not in p._handlers:               # pinned elsewhere (poller=...)?
             p = next((q for q in self.pollers if fd in q._handlers), p)
-        if p._running and p._tid != _get_ident():
+        if p._foreign():
             p._post(self._change_events, fd, events, add)
             return
         h = p._handlers.get(fd)
@@ -2722,7 +2741,7 @@ class Acceptor(IOHandle):
         """Stop listening and close the socket (unlinks a unix socket path).  From a
         thread other than the acceptor's poller it waits until the socket is closed."""
         p = self.poller
-        if p is not None and p._running and p._tid != _get_ident():
+        if p is not None and p._foreign():
             done = threading.Event()
 
             def _close() -> None:
@@ -3111,7 +3130,7 @@ class _TLSMixin(IOHandle):
         """IOHandle.write for TLS: encrypt (on the poller thread only), then queue
         the ciphertext exactly as plaintext would be."""
         p = self.poller
-        if p is not None and not p._mine._is_owned():
+        if p is not None and not p._mine._is_owned() and p.reactor._started:
             self.async_write(data)         # encryption happens on the poller thread
             return
         if self._state or self._shut_wr:
@@ -3505,7 +3524,7 @@ class ConnectPool:
     def _handler_event(self, h: IOHandle, what: str) -> None:
         """A member opened, failed to connect or closed (any thread: the
         bookkeeping itself always runs on the pool's poller)."""
-        if self._poller._tid != _get_ident() and self._poller._running:
+        if self._poller._foreign():
             self._poller._post(self._handler_event, h, what)
             return
         self._pending.discard(h)

@@ -3053,6 +3053,59 @@ def test_write_async_write_post_to_order_from_thread(make_reactor, npollers):
     c.close()
 
 
+# start() returns before each poller thread runs its loop.  A call made from
+# another thread in that window is posted like any later one, in order with
+# the posts before it.  shutdown_write() and close() used to act at once there
+# (they tested "the poller is running", write() "this is not the poller's
+# thread"): the FIN went out ahead of the data just posted, which was then
+# dropped.  CI hit it under load as a client that got EOF and no byte.  The
+# pollers are held at the start of their threads, so the window stays open.
+# (Bare fds of the test's own: goev neither half-closes nor closes them, so
+# what shows the order is that every byte arrives and none is dropped.)
+def test_calls_between_start_and_the_first_pass_keep_their_order(make_reactor, npollers):
+    r = make_reactor(npollers)
+    gate = threading.Event()
+    for p in r.pollers:
+        p._run = (lambda run: lambda: (gate.wait(WAIT), run()))(p._run)
+    pairs = [socket.socketpair() for _ in range(3)]
+    try:
+        _start_gated_and_call(r, gate, pairs)
+    finally:
+        gate.set()
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
+
+
+def _start_gated_and_call(r, gate, pairs):
+    hs = [_RawReader() for _ in pairs]
+    for (ours, _), h in zip(pairs, hs):
+        ours.setblocking(False)
+        r.add_handler(h, ours.fileno(), goev.EV_IN)
+    big = _pattern(1 << 20, 7)                      # more than the kernel takes at once
+    r.start()
+    hs[0].write(b"hello")
+    hs[0].shutdown_write()
+    hs[1].write(big)
+    hs[1].close()
+    hs[2].async_write(b"x")
+    r.remove_event(hs[2].fd, goev.EV_IN)            # reading stops after the write, not before
+    assert not any(p._running for p in r.pollers), "a poller ran before the gate opened"
+    gate.set()
+    for _ in range(2):
+        _round_trip(r)
+    assert [h.dropped_bytes for h in hs] == [0, 0, 0]
+    peers = [theirs for _, theirs in pairs]
+    assert recv_exact(peers[0], 5) == b"hello"
+    assert recv_exact(peers[1], len(big)) == big
+    wait_until(lambda: hs[1].closes == 1, what="on_close after the flush")
+    assert recv_exact(peers[2], 1) == b"x"
+    peers[2].sendall(b"unread")
+    for _ in range(2):
+        _round_trip(r)
+    assert hs[2].reads == 0 and not hs[2].closed
+
+
 # async_write copies: mutating the buffer after the call changes nothing.
 def test_async_write_copies_the_data(make_reactor):
     r, a, connect = served(make_reactor, 1)
@@ -6390,7 +6443,8 @@ def test_event_for_handler_closed_earlier_in_batch_is_dropped(make_reactor):
     release = _park(r.pollers[0])
     c1.sendall(b"x")
     c2.sendall(b"y")
-    time.sleep(0.05)                          # let loopback deliver both before the poller looks
+    wait_until(lambda: _inq(h1.fd) == 1 and _inq(h2.fd) == 1,   # both in one batch
+               what="both bytes in the server sockets before the poller looks")
     release.set()
     wait_until(lambda: "first" in seen, what="the first on_read")
     first = seen["first"]
@@ -6644,7 +6698,9 @@ def test_spurious_readiness_and_idempotent_removal(make_reactor):
     r.remove_event(h.fd, goev.EV_IN)
     _reliability_on_poller(p, lambda: None)
     c.sendall(b"held")
-    time.sleep(0.05)
+    wait_until(lambda: _inq(h.fd) == 4, what="the bytes in the server socket")
+    for _ in range(2):                        # a whole pass with them readable (posted
+        _reliability_on_poller(p, lambda: None)   # work runs before the pass's events)
     assert h.n_read == 0                      # not polled for reading any more
     r.append_event(h.fd, goev.EV_IN)
     assert recv_exact(c, 4) == b"held"
