@@ -766,7 +766,7 @@ class IOHandle:
         p = self.poller
         if p is None:                     # not registered yet (a write in on_open)
             write = _os_write
-        elif p._mine._is_owned() or not p.reactor._started:   # (see _Poller._foreign)
+        elif p._mine._is_owned() or not p.reactor._started:   # p._direct(), inline
             write = p._write
         else:
             self.async_write(data)
@@ -800,7 +800,7 @@ class IOHandle:
         it is tied to this handler object, never to the fd number, so a new
         handler that reuses the number never receives it."""
         p = self.poller
-        if p is None or p._mine._is_owned() or not p.reactor._started:
+        if p is None or p._direct():
             self.write(data)
             return
         # bytes(memoryview(x)) copies any buffer and, unlike bytes(x), rejects an
@@ -1058,7 +1058,7 @@ class IOHandle:
         s = self._sock
         if s is _BARE:
             p = self.poller
-            if p is None or p._mine._is_owned() or not p.reactor._started:
+            if p is None or p._direct():
                 s = socket.socket(fileno=self.fd)   # family and type are read from the fd
                 s.setblocking(False)                # (the fd is already: this sets the object's timeout)
                 self._sock = s
@@ -1295,12 +1295,17 @@ class _Poller:
         sent its FIN ahead of the writes posted just before it).  Before start()
         there is no loop to race.  Once the loop has ended (_done) the poller is
         closing every handler itself and drops what is posted too late, so such
-        calls act directly, as they did before that fix.  Data is stricter:
-        write(), async_write and the socket object are touched directly only on
-        the poller's thread or before start(); anything else goes through the
-        inbox, whose drops are counted.  The hot paths test
-        ``_mine._is_owned()`` inline first (the usual answer)."""
+        calls act directly, as they did before that fix.  Data is stricter: see
+        _direct.  The hot paths test ``_mine._is_owned()`` inline first (the
+        usual answer)."""
         return not self._mine._is_owned() and self.reactor._started and not self._done
+
+    def _direct(self) -> bool:
+        """May the calling thread touch its handlers' data (the send queue, the
+        socket object) itself?  Only on the poller's thread, or on any before
+        start().  Elsewhere, even once the loop has ended, data goes through the
+        inbox, whose drops are counted in ``dropped_bytes``."""
+        return self._mine._is_owned() or not self.reactor._started
 
     def _post(self, fn: Callable, *args: Any) -> None:
         self._inbox.append((fn, args))
@@ -3130,7 +3135,7 @@ class _TLSMixin(IOHandle):
         """IOHandle.write for TLS: encrypt (on the poller thread only), then queue
         the ciphertext exactly as plaintext would be."""
         p = self.poller
-        if p is not None and not p._mine._is_owned() and p.reactor._started:
+        if p is not None and not p._direct():
             self.async_write(data)         # encryption happens on the poller thread
             return
         if self._state or self._shut_wr:
