@@ -1263,6 +1263,7 @@ class _Poller:
         self._thread: Optional[threading.Thread] = None
         self._finished = threading.Event()
         self._drained = False              # set by Reactor.shutdown once this poller is empty
+        self._sig: Optional[tuple] = None   # (socket read, written, previous fd): see _signals_wake
         self._backend.register(self._waker.fd, self._backend.native[EV_IN])
 
     def __repr__(self) -> str:
@@ -1593,10 +1594,19 @@ class _Poller:
             h._close_now()
 
     def _orphan(self, fd: int) -> None:
-        """An event for an fd no handler owns.  Normally its handler was closed
+        """An event for an fd no handler owns.  The signal wakeup socket: drain
+        it (see _signals_wake).  Normally the fd's handler was closed
         earlier in this batch (already unregistered; the event was collected
         before): drop it.  Otherwise the fd was closed behind goev's back and the
         kernel may report it forever: make the backend forget it."""
+        sig = self._sig
+        if sig is not None and fd == sig[0].fileno():   # a signal: its handler runs next
+            try:
+                while sig[0].recv(512):
+                    pass
+            except OSError:                 # (BlockingIOError: drained)
+                pass
+            return
         for h in self._closing:
             if h.fd == fd:
                 return
@@ -1604,7 +1614,8 @@ class _Poller:
 
     def _registrations(self) -> list:
         """(fd, events) of everything this poller watches (for drop_stale)."""
-        return [(self._waker.fd, EV_IN)] + [(fd, h._mask) for fd, h in list(self._handlers.items()) if h._mask]
+        own = [(self._waker.fd, EV_IN)] + ([(self._sig[0].fileno(), EV_IN)] if self._sig else [])
+        return own + [(fd, h._mask) for fd, h in list(self._handlers.items()) if h._mask]
 
     def _fault(self, h: IOHandle, where: str) -> None:
         """A callback raised: log with the handler's repr, close that handler only."""
@@ -1634,14 +1645,59 @@ class _Poller:
         self._mine.acquire()
         self._running = True
         try:
+            self._signals_wake()
             self._loop()
         finally:
             self._running = False
             try:
+                self._signals_unwake()
                 if self._stopping:
                     self._close_all()
             finally:
                 self._mine.release()
+
+    # A poller that runs on the main thread (run()) must wake for a signal.
+    # CPython runs a Python signal handler on the main thread, between two
+    # bytecodes.  A signal that lands just before poll() enters epoll_wait (the
+    # C handler runs, nothing interrupts the syscall), or on another thread that
+    # does not block it, would wait for the next I/O event: forever on an idle
+    # server, a SIGTERM seemingly ignored (the suite hit it under load).  With
+    # signal.set_wakeup_fd the C handler also writes the signal number into a
+    # socket this loop polls; poll() returns and the handler runs.  A
+    # socketpair, not the eventfd waker, which takes only 8-byte writes.
+
+    def _signals_wake(self) -> None:
+        """On the main thread: point the signal wakeup fd at this loop."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            r, w = socket.socketpair()
+        except OSError:                     # out of fds: run without (as before)
+            return
+        r.setblocking(False)
+        w.setblocking(False)
+        try:
+            old = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+        except ValueError:                  # not the main interpreter
+            r.close()
+            w.close()
+            return
+        self._sig = (r, w, old)
+        self._backend.register(r.fileno(), self._backend.native[EV_IN])
+
+    def _signals_unwake(self) -> None:
+        """Give the previous wakeup fd back (run() may be called again)."""
+        sig, self._sig = self._sig, None
+        if sig is None:
+            return
+        r, w, old = sig
+        signal.set_wakeup_fd(old)           # first: the C handler must not write to a closed fd
+        try:
+            self._backend.unregister(r.fileno())
+        except OSError:
+            pass
+        r.close()
+        w.close()
 
     def _loop(self) -> None:
         poll = self._backend.poll
@@ -1956,7 +2012,10 @@ class _TracePoller(_Poller):
                         self._waker.drain()
                         self._wake_pending = False
                     else:
-                        say("fd %d: no handler any more (closed earlier in this batch): dropped" % fd)
+                        if self._sig is not None and fd == self._sig[0].fileno():
+                            say("fd %d: a signal arrived (wakeup fd): its handler runs next" % fd)
+                        else:
+                            say("fd %d: no handler any more (closed earlier in this batch): dropped" % fd)
                         self._orphan(fd)
                     continue
                 name = type(h).__name__
@@ -2190,7 +2249,10 @@ class Reactor:
         """Run poller 0 on the calling thread (the others on threads) until ``stop()``.
 
         KeyboardInterrupt/SystemExit raised in a callback propagate out of run();
-        the reactor stays consistent and run() may be called again."""
+        the reactor stays consistent and run() may be called again.  On the main
+        thread run() owns ``signal.set_wakeup_fd`` while it runs (the previous
+        one comes back after), so a Python signal handler runs at once even when
+        the signal lands on another thread or just before the loop sleeps."""
         with self._lock:
             if self._stopped:
                 raise RuntimeError("reactor is stopped")

@@ -230,18 +230,25 @@ def echo_server(make_reactor, pollers=1, addr="127.0.0.1:0", factory=Echo, **kw)
     return r, a
 
 
+def _child_env(extra):
+    """A Python child's environment: goev importable, and faulthandler on, so a
+    child that hangs prints its threads' stacks when finish() sends SIGABRT."""
+    env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONFAULTHANDLER="1")
+    env.update(extra)
+    return env
+
+
 def run_py(args, **kw):
     """Run a Python child process with goev importable; returns CompletedProcess."""
-    env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.update(kw.pop("env", {}))
+    env = _child_env(kw.pop("env", {}))
     return subprocess.run([sys.executable] + args, cwd=HERE, env=env, capture_output=True,
                           text=True, timeout=kw.pop("timeout", 60), **kw)
 
 
 def spawn_py(args, **kw):
     """Start a Python child with goev importable (stdout/stderr piped)."""
-    env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.update(kw.pop("env", {}))
+    env = _child_env(kw.pop("env", {}))
     return subprocess.Popen([sys.executable] + args, cwd=HERE, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
 
@@ -3484,6 +3491,50 @@ def test_signal_handler_posts_to_poller_running_on_main_thread(make_reactor, npo
     assert not failed, failed
     assert r.stopped
     assert ran.count(main) == 30                # poller 0's share ran on the main thread
+
+
+# A process-directed signal may land on any thread that does not block it.
+# There only its C handler runs; the Python handler waits for the main thread,
+# which sleeps in poller 0's epoll_wait/poll: before run() pointed
+# signal.set_wakeup_fd at its loop, it slept on until the next I/O event --
+# forever on an idle server (a SIGTERM seemingly ignored; a signal landing
+# on the main thread just before the syscall did the same).  Here the signal
+# is sent to a thread of the test's own once the main thread is asleep in
+# poll.  The previous wakeup fd is back once run() returns.
+def test_signal_on_another_thread_wakes_run_on_the_main_thread(make_reactor, npollers):
+    r = make_reactor(npollers)
+    ran, failed = [], []
+    main = threading.get_native_id()
+
+    def asleep_in_poll():
+        with open("/proc/self/task/%d/wchan" % main) as f:
+            return "poll" in f.read()           # do_epoll_wait, poll_schedule_timeout
+
+    def sender():
+        try:
+            wait_until(asleep_in_poll, what="the main thread asleep in poll")
+            signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)   # lands here
+            wait_until(lambda: ran, timeout=5, what="the handler to run")
+        except AssertionError as e:
+            failed.append(e)
+            r.post(r.stop)                      # the waker: run() returns anyway
+    pr, pw = os.pipe()
+    os.set_blocking(pw, False)
+    prev = signal.set_wakeup_fd(pw)
+    old = signal.signal(signal.SIGUSR1, lambda *_: (ran.append(1), r.stop()))
+    t = threading.Thread(target=sender)
+    t.start()
+    try:
+        r.run()
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        restored = signal.set_wakeup_fd(prev)
+        t.join(WAIT)
+        os.close(pr)
+        os.close(pw)
+    assert not failed, failed
+    assert r.stopped and ran == [1]
+    assert restored == pw, "run() did not give the previous wakeup fd back"
 
 
 # =============================================================================
@@ -8041,9 +8092,18 @@ def finish(proc, sig=signal.SIGTERM):
     try:
         out, err = proc.communicate(timeout=WAIT)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail("child %d ignored %s: %s" % (proc.pid, sig, err))
+        try:                                    # pending, blocked, caught: which signals
+            with open("/proc/%d/status" % proc.pid) as f:
+                masks = "".join(line for line in f if line.startswith(("Sig", "ShdPnd", "State")))
+        except OSError:
+            masks = ""
+        proc.send_signal(signal.SIGABRT)        # faulthandler prints where every thread is
+        try:
+            out, err = proc.communicate(timeout=WAIT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        pytest.fail("child %d ignored %s:\n%s%s" % (proc.pid, sig, masks, err))
     return proc.returncode, out, err
 
 
