@@ -1593,24 +1593,26 @@ class _Poller:
             h.poller = None
             h._close_now()
 
-    def _orphan(self, fd: int) -> None:
-        """An event for an fd no handler owns.  The signal wakeup socket: drain
-        it (see _signals_wake).  Normally the fd's handler was closed
-        earlier in this batch (already unregistered; the event was collected
-        before): drop it.  Otherwise the fd was closed behind goev's back and the
-        kernel may report it forever: make the backend forget it."""
+    def _orphan(self, fd: int) -> str:
+        """An event for an fd no handler owns (returns what it was, for the
+        trace).  The signal wakeup socket: drain it (see _signals_wake).
+        Normally the fd's handler was closed earlier in this batch (already
+        unregistered; the event was collected before): drop it.  Otherwise the
+        fd was closed behind goev's back and the kernel may report it forever:
+        make the backend forget it."""
         sig = self._sig
-        if sig is not None and fd == sig[0].fileno():   # a signal: its handler runs next
+        if sig is not None and fd == sig[0].fileno():
             try:
                 while sig[0].recv(512):
                     pass
             except OSError:                 # (BlockingIOError: drained)
                 pass
-            return
+            return "a signal arrived (wakeup fd): its handler runs next"
         for h in self._closing:
             if h.fd == fd:
-                return
+                return "no handler any more (closed earlier in this batch): dropped"
         self._backend.drop_stale(fd, self._registrations)
+        return "closed behind goev's back: the backend forgets it"
 
     def _registrations(self) -> list:
         """(fd, events) of everything this poller watches (for drop_stale)."""
@@ -2012,11 +2014,7 @@ class _TracePoller(_Poller):
                         self._waker.drain()
                         self._wake_pending = False
                     else:
-                        if self._sig is not None and fd == self._sig[0].fileno():
-                            say("fd %d: a signal arrived (wakeup fd): its handler runs next" % fd)
-                        else:
-                            say("fd %d: no handler any more (closed earlier in this batch): dropped" % fd)
-                        self._orphan(fd)
+                        say("fd %d: %s" % (fd, self._orphan(fd)))
                     continue
                 name = type(h).__name__
                 reading_only = h._mask == EV_IN   # then every event means "go and read"
