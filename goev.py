@@ -139,6 +139,9 @@ _INBOX_BATCH = 1024             # cross-thread items per loop pass: a flood cann
 _SENDMSG_MAX = 64               # queued buffers gathered into one writev()
 _VIEW_CACHE = 2048              # reads shorter than this get a view made once per length
 _MAX_POLL_TIMEOUT = 86400.0     # epoll takes an int of ms: clamp far timers to a day
+_MAX_READ = 0x7FFFF000          # the most one Linux read() returns: a larger buffer is never filled
+_DRAIN_POLL = 0.01              # seconds between a shutdown's checks that a poller is empty
+_CANCEL_LOG_TRIM = 4096         # counted cancels kept before the log is trimmed (see _timeout)
 _COMPACT_MIN = 64               # lazily cancelled timers tolerated before compaction is considered
 _TLS_HANDSHAKE_TIMEOUT = 10.0   # seconds for a TLS handshake (asyncio: 60, generous to slowloris)
 
@@ -270,12 +273,14 @@ def _check_port(port: Any, addr: Any) -> int:
     return port
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    """Validate an integer argument; the message names it and its value."""
+def _check_int(name: str, value: Any, minimum: int, maximum: Optional[int] = None) -> int:
+    """Validate an integer argument; the message names it, its value and the limit."""
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError("%s must be an int, got %r" % (name, value))
     if value < minimum:
         raise ValueError("%s must be >= %d, got %r" % (name, minimum, value))
+    if maximum is not None and value > maximum:
+        raise ValueError("%s must be <= %d (%#x), got %r" % (name, maximum, maximum, value))
     return value
 
 
@@ -515,6 +520,7 @@ _SEQ = operator.itemgetter(1)
 
 
 def _heap_push(heap: list, item: list) -> None:
+    """Add ``item``: sift up from the new leaf (parent of i: (i - 1) // 4)."""
     heap.append(item)
     i = len(heap) - 1
     while i:
@@ -528,45 +534,38 @@ def _heap_push(heap: list, item: list) -> None:
     heap[i] = item
 
 
-def _heap_pop(heap: list) -> list:
-    last = heap.pop()
-    if not heap:
-        return last
-    top = heap[0]
+def _sift_down(heap: list, i: int, item: list) -> None:
+    """Put ``item`` at slot ``i`` or below: while the smallest of the (up to
+    four) children at 4i+1 .. 4i+4 is smaller, move it up and descend."""
     n = len(heap)
-    i = 0
-    c = 1
+    c = 4 * i + 1
     while c < n:
         kids = heap[c:c + 4]
         m = min(kids)
-        if m < last:
+        if m < item:
             j = c + kids.index(m)
             heap[i] = m
             i = j
             c = 4 * j + 1
         else:
             break
-    heap[i] = last
+    heap[i] = item
+
+
+def _heap_pop(heap: list) -> list:
+    """Remove and return the smallest item (the heap must not be empty)."""
+    last = heap.pop()
+    if not heap:
+        return last
+    top = heap[0]
+    _sift_down(heap, 0, last)
     return top
 
 
 def _heapify(heap: list) -> None:
+    """Make ``heap`` a heap in place: sift down every parent, the last first."""
     for i in reversed(range((len(heap) - 2) // 4 + 1)):
-        item = heap[i]
-        n = len(heap)
-        j = i
-        c = 4 * j + 1
-        while c < n:
-            kids = heap[c:c + 4]
-            m = min(kids)
-            if m < item:
-                k = c + kids.index(m)
-                heap[j] = m
-                j = k
-                c = 4 * k + 1
-            else:
-                break
-        heap[j] = item
+        _sift_down(heap, i, heap[i])
 
 
 class Timer(list):
@@ -715,42 +714,37 @@ class IOHandle:
         any fd, not only sockets (a pipe registered with ``add_handler``).
         """
         p = self.poller
-        readv = p._readv            # (a local: a method-call on an instance attribute is slow)
         try:
-            n = readv(self.fd, p._rlist)
+            n = p._readv(self.fd, p._rlist)     # os.readv into the shared buffer
         except BlockingIOError:
             return None
-        except OSError as e:
-            self.error = e
+        except OSError as e:                    # a reset: end of stream, with the reason kept
+            self.error = e.with_traceback(None) # (a traceback would keep this handler alive)
             n = 0
         if n:
+            # The answer is the buffer's first n bytes: p._rview[:n].
+            # fast path: one view per length, made once and handed out again:
+            # slicing allocates a GC-tracked object, the largest cost of a small
+            # read (GAIN_VIEWS).  A view a user release()d raises ValueError.
             if n < _VIEW_CACHE:
-                # One view per length, made once: slicing allocates a GC-tracked
-                # object, the largest cost of a small read.
                 try:
                     v = p._views[n]
-                    if v:           # None (a new length) is false; a view a user
-                        return v    # release()d raises ValueError
+                    if v:                       # None: a new length
+                        return v
                 except ValueError:
                     pass
                 v = p._views[n] = p._rview[:n]
                 return v
-            v = p._long_view                # a long read: the last one's length again?
-            try:                            # (fixed-size messages, a full buffer)
+            v = p._long_view                    # the same for the last long length
+            try:                                # (fixed-size messages, a full buffer)
                 if len(v) == n:
                     return v
             except (TypeError, ValueError):
                 pass
             v = p._long_view = p._rview[:n]
             return v
-        self._eof = True
-        if self._mask == EV_IN:         # stop reading: _update's result, without its frame
-            self._mask = 0
-            try:
-                p._backend.unregister(self.fd)
-            except OSError:
-                pass
-        elif self._mask:
+        self._eof = True                        # stop reading: nothing more will come
+        if self._mask:
             self._update()
         return _EMPTY_VIEW
 
@@ -766,7 +760,7 @@ class IOHandle:
         p = self.poller
         if p is None:                     # not registered yet (a write in on_open)
             write = _os_write
-        elif p._mine._is_owned() or not p.reactor._started:   # p._direct(), inline
+        elif p._direct():
             write = p._write
         else:
             self.async_write(data)
@@ -891,7 +885,7 @@ class IOHandle:
 
     def _write_failed(self, e: OSError) -> None:
         """The peer is gone (EPIPE/ECONNRESET): drop the queue, close quietly."""
-        self.error = e
+        self.error = e.with_traceback(None)
         if self._wq:
             self.dropped_bytes += self._wq_bytes
             self._wq.clear()
@@ -904,7 +898,7 @@ class IOHandle:
     # -- closing ------------------------------------------------------------------
 
     def _posted_if_elsewhere(self, method: Callable[[], None]) -> bool:
-        """Called off the owning poller's thread once the reactor started (see
+        """Called off the owning poller's thread while its loop may run (see
         _Poller._foreign): post ``method`` there and return True (a handler's
         state is only touched on its poller)."""
         p = self.poller
@@ -915,9 +909,7 @@ class IOHandle:
 
     def close(self) -> None:
         """Flush the send queue, then close; idempotent; from any thread."""
-        p = self.poller                   # (_posted_if_elsewhere, inline: once per connection)
-        if p is not None and not p._mine._is_owned() and p._foreign():
-            p._post(self.close)
+        if self._posted_if_elsewhere(self.close):
             return
         if self._state:
             return
@@ -1026,6 +1018,16 @@ class IOHandle:
                 os.close(fd)
             else:
                 sock.close()
+
+    def _abandon(self) -> None:
+        """The reactor is stopping and closes this handler (hook: a connect in
+        progress reports ConnectionAbortedError instead)."""
+        self._close_now()
+
+    def _wind_down(self) -> None:
+        """Reactor.shutdown() drains this handler: close after the flush (hook: a
+        connect in progress is left to settle; the handler it opens is drained next)."""
+        self.close()
 
     @property
     def sock(self) -> Any:
@@ -1216,6 +1218,119 @@ class IOHandle:
 # KeyboardInterrupt and SystemExit pass through (the state stays consistent,
 # so run() may be called again).
 
+# -- A poller's life cycle ---------------------------------------------------------
+# One state per poller, only ever moving forward (Reactor.start/run/stop move
+# every poller together; the last two steps each poller takes itself):
+#   NEW       made; no loop has run.  Any thread may touch handlers directly.
+#   RUNNING   the reactor started: a loop may run at any moment, so calls from
+#             other threads are posted to it (_foreign, _direct).
+#   STOPPING  stop() asked: the loop ends after the current step.
+#   CLOSING   the poller closes its handlers (on_close each); late calls act directly.
+#   DONE      every fd closed; what is posted from now on is dropped.
+# Mechanisms are not states: the wake flag (_wake_pending), the lock held by
+# whoever runs the poller's code (_mine) and the inbox stay what they are.
+
+_NEW, _RUNNING, _STOPPING, _CLOSING_ALL, _DONE = range(5)
+_STATE_NAMES = ("idle", "running", "stopping", "closing", "stopped")
+
+
+# -- Hooks: where Part II attaches ----------------------------------------------------
+# Part I (sections 1-10) is a complete reactor; Part II adds production extras
+# without Part I naming any of them.  Every hook is declared here:
+#  * _EXTRAS, a registry Part II fills: "tracer" (trace mode: an _Observer
+#    subclass), "proxy" (Acceptor(proxy_protocol=True): an accept stage),
+#    "tls_server" (Acceptor(ssl=...): an accept stage), "tls_client"
+#    (Connector.connect(ssl=...): a connect stage).  Without Part II these
+#    arguments raise RuntimeError, and everything else works.
+#  * the loop's observer (_Poller._observer, an _Observer): sees each
+#    callback, timer and posted call, registrations and posts (the watchdog
+#    below, and trace mode).  None, the usual case, costs one test per event.
+#  * the poller's fd-level I/O (_readv, _write, _writev) and its backend:
+#    an observer may wrap them (trace mode prints every syscall).
+#  * an accept stage (Acceptor._proceed): stage(acceptor, conn, peer, proceed)
+#    runs on each accepted socket before a handler exists and calls
+#    proceed(conn, peer, prepare=None) when done (or closes conn).
+#  * a connect stage (_Connecting._succeed): stage(handler, sock, peer) runs
+#    after a connect succeeds and ends in _open_connected or _connect_failed.
+#  * IOHandle._watcher: an object told when its handler opened, failed to
+#    connect or closed (ConnectPool keeps its members that way).
+#  * IOHandle methods a subclass may override: _abandon (the reactor stops),
+#    _wind_down (Reactor.shutdown), _update (event changes: TLS checks its
+#    buffers), _reset_transport (before a new connect).
+
+_EXTRAS: dict = {}
+
+
+def _extra(name: str) -> Any:
+    """The Part II hook ``name``; RuntimeError if this copy of goev.py has no Part II."""
+    try:
+        return _EXTRAS[name]
+    except KeyError:
+        raise RuntimeError("%s needs Part II of goev.py, which this copy lacks" % name) from None
+
+
+# Names of the hooks' internal callbacks as the user knows them (the watchdog's messages).
+_PUBLIC_NAMES = {"_fire_timer": "on_timeout", "_write_posted": "async_write"}
+
+
+def _callback_name(fn: Any) -> str:
+    """``Class.method`` for a bound method (as a user wrote it), else the qualified name."""
+    owner = getattr(fn, "__self__", None)
+    name = getattr(fn, "__name__", None)
+    if owner is not None and name is not None and not isinstance(owner, type):
+        return "%s.%s" % (type(owner).__name__, _PUBLIC_NAMES.get(name, name))
+    return getattr(fn, "__qualname__", None) or _safe_repr(fn)
+
+
+class _Observer:
+    """Watches one poller's loop; this base class is the slow-callback watchdog.
+
+    With ``slow`` (seconds) set, a handler callback, timer or posted function
+    that holds the poller longer logs a WARNING on the "goev" logger, naming
+    the handler class and the callback.  The other methods are the hooks
+    trace mode prints from (no-ops here).  Poller thread only, except posted()."""
+    __slots__ = ("poller", "slow")
+
+    def __init__(self, poller: "_Poller", slow: Optional[float]) -> None:
+        self.poller = poller
+        self.slow = slow
+        poller._observer = self
+
+    def _timed(self, fn: Callable, args: tuple, name: Callable[[], str]) -> Any:
+        if self.slow is None:
+            return fn(*args)
+        t0 = _monotonic()
+        try:
+            return fn(*args)
+        finally:
+            held = _monotonic() - t0
+            if held > self.slow:
+                _log.warning("%s held poller %d for %d ms", name(), self.poller.index, held * 1000)
+
+    def call(self, h: "IOHandle", method: str) -> Any:
+        """Run ``h.<method>()`` (on_read, on_write) for the loop."""
+        return self._timed(getattr(h, method), (), lambda: "%s.%s" % (type(h).__name__, method))
+
+    def run(self, fn: Callable, args: tuple) -> Any:
+        """Run a timer's or a posted callback."""
+        return self._timed(fn, args, lambda: _callback_name(fn))
+
+    def say(self, msg: str) -> None:
+        """A line of trace mode."""
+
+    def added(self, h: "IOHandle", fd: int, events: int) -> None:
+        """``h`` is being registered on this poller (before the epoll_ctl)."""
+
+    def posted(self, fn: Callable) -> None:
+        """A post wrote the waker (any thread)."""
+
+    def draining(self, n: int) -> None:
+        """The loop runs ``n`` posted items."""
+
+    def timers_due(self, due: list) -> None:
+        """The loop runs the timers ``due`` (cancelled ones included)."""
+
+
 class _Poller:
     """One event loop on one thread.  Internal; users see it as ``handler.poller``.
 
@@ -1230,9 +1345,7 @@ class _Poller:
         self.index = index
         self.cache: dict = {}
         self.now_ms = int(_monotonic() * 1000)
-        self._backend = backend_cls()
-        self._waker = _Waker()
-        self._rbuf = bytearray(read_buffer_size)
+        self._rbuf = bytearray(read_buffer_size)      # first: it may fail, the fds below may not leak
         self._rview = memoryview(self._rbuf)
         self._rlist = [self._rview]         # readv's argument, made once
         self._views: list = [None] * _VIEW_CACHE   # length -> view of the buffer's head
@@ -1240,8 +1353,8 @@ class _Poller:
         # The fd-level I/O of IOHandle.read/write/_flush: os.readv/os.write/os.writev
         # take their arguments positionally (argument clinic), while the socket
         # methods parse a format string per call -- about 15% of an echo's CPU.
-        # On a stream socket write() is send() with no flags.  _TracePoller
-        # replaces these three with printing versions.
+        # On a stream socket write() is send() with no flags.  Trace mode
+        # replaces these three with printing versions (section 7's hooks).
         self._readv, self._write, self._writev = os.readv, os.write, os.writev
         self._handlers: dict = {}           # fd -> IOHandle
         self._closing: list = []            # handlers closed this step: on_close pending
@@ -1250,25 +1363,56 @@ class _Poller:
         self._timers_gone = 0               # cancelled entries that have left the heap (poller thread)
         self._seq = 0
         self._inbox: collections.deque = collections.deque()
-        self._wake_pending = False
-        self._inbox_closed = False         # set after the last drain at stop: posts are dropped
-        self._tid: Optional[int] = None
-        # Held by the poller's thread for as long as _run runs: _mine._is_owned()
-        # is the hot paths' thread-identity test (write/async_write).  It costs
-        # a third of "_tid == get_ident()", which allocates an int per call.
+        self._wake_pending = False          # the waker is written and not yet drained
+        self._state = _NEW                  # the life cycle: see "A poller's life cycle"
+        # Held by whichever thread runs this poller's code: its loop thread while
+        # _run runs, or the thread that closes a poller that has no loop running
+        # (Reactor._join).  ``_is_mine()`` -- this lock's own _is_owned, a C call
+        # with no Python frame -- answers "am I on this poller's thread?".
         self._mine = _thread.RLock()
-        self._running = False
-        self._stopping = False
-        self._done = False
+        self._is_mine: Callable[[], bool] = self._mine._is_owned
         self._thread: Optional[threading.Thread] = None
-        self._finished = threading.Event()
-        self._drained = False              # set by Reactor.shutdown once this poller is empty
         self._sig: Optional[tuple] = None   # (socket read, written, previous fd): see _signals_wake
-        self._backend.register(self._waker.fd, self._backend.native[EV_IN])
+        self._observer: Optional[_Observer] = None   # trace or watchdog: see section 7's hooks
+        self._backend = backend_cls()
+        try:
+            self._waker = _Waker()
+            try:
+                self._backend.register(self._waker.fd, self._backend.native[EV_IN])
+            except BaseException:
+                self._waker.close()
+                raise
+        except BaseException:
+            self._backend.close()
+            raise
 
     def __repr__(self) -> str:
         return "<goev poller %d %s handlers=%d timers=%d>" % (
             self.index, self._backend.name, len(self._handlers), len(self._timers))
+
+    # -- the life cycle and the thread rules ----------------------------------------
+
+    def _advance(self, state: int) -> None:
+        """Move the life cycle forward to ``state`` (never back).  A plain
+        compare and store: stop() does this from a signal handler, which can
+        take no lock; see Reactor.stop for why no transition is lost."""
+        if self._state < state:
+            self._state = state
+
+    def _foreign(self) -> bool:
+        """Must a control call (close, abort, shutdown_write, event changes)
+        made on this thread be posted to this poller?  Yes from any other
+        thread while a loop may run: RUNNING or STOPPING.  Before start() there
+        is no loop to race; once the poller is CLOSING it closes every handler
+        itself and drops late posts, so such calls act directly."""
+        return not self._is_mine() and (self._state == _RUNNING or self._state == _STOPPING)
+
+    def _direct(self) -> bool:
+        """May the calling thread touch its handlers' data (the send queue, the
+        socket object) itself?  On the poller's thread, or on any while the
+        poller is NEW.  Elsewhere, even once the loop has ended, data goes
+        through the inbox, whose drops are counted in ``dropped_bytes``."""
+        return self._is_mine() or self._state == _NEW
 
     # -- cross-thread inbox -------------------------------------------------------
     # No lost wake-up (the Go original's bug): producers append, *then* test
@@ -1283,37 +1427,18 @@ class _Poller:
     # The loop drains right after poll() returns, before it dispatches: work
     # posted before an I/O event happened (an async_write, then a request the
     # client sends after it) runs before that event's callback.  Once the
-    # poller has shut down, the producer that sees _inbox_closed drops what it
-    # appended (the same append-then-test order: no item is left unaccounted).
-
-    def _foreign(self) -> bool:
-        """Must a control call (close, abort, shutdown_write, event changes, a
-        pool's bookkeeping) made on this thread be posted to this poller?  Yes
-        from any other thread from start() until the loop has ended.
-
-        Not "while _running": the thread sets that only once it runs, and a call
-        acting directly in that window raced the first pass (a shutdown_write
-        sent its FIN ahead of the writes posted just before it).  Before start()
-        there is no loop to race.  Once the loop has ended (_done) the poller is
-        closing every handler itself and drops what is posted too late, so such
-        calls act directly, as they did before that fix.  Data is stricter: see
-        _direct.  The hot paths test ``_mine._is_owned()`` inline first (the
-        usual answer)."""
-        return not self._mine._is_owned() and self.reactor._started and not self._done
-
-    def _direct(self) -> bool:
-        """May the calling thread touch its handlers' data (the send queue, the
-        socket object) itself?  Only on the poller's thread, or on any before
-        start().  Elsewhere, even once the loop has ended, data goes through the
-        inbox, whose drops are counted in ``dropped_bytes``."""
-        return self._mine._is_owned() or not self.reactor._started
+    # poller is DONE, the producer that sees it drops what it appended (the
+    # same append-then-test order: no item is left unaccounted).
 
     def _post(self, fn: Callable, *args: Any) -> None:
+        """Queue ``fn(*args)`` for this poller's thread; any thread, and signal handlers."""
         self._inbox.append((fn, args))
         if not self._wake_pending:
             self._wake_pending = True
             self._waker.wake()
-        if self._inbox_closed:
+            if self._observer is not None:
+                self._observer.posted(fn)
+        if self._state == _DONE:
             self._drop_inbox()
 
     @property
@@ -1335,13 +1460,21 @@ class _Poller:
                 if getattr(fn, "__func__", None) is IOHandle._write_posted:
                     fn.__self__.dropped_bytes += len(args[0])
 
-    def _drain_inbox(self) -> None:
+    def _drain_inbox(self, limit: int = _INBOX_BATCH) -> None:
+        """Run up to ``limit`` posted items, the oldest first (poller thread)."""
         self._wake_pending = False
         inbox = self._inbox
-        for _ in range(min(len(inbox), _INBOX_BATCH)):
+        obs = self._observer
+        n = min(len(inbox), limit)
+        if obs is not None:
+            obs.draining(n)
+        for _ in range(n):
             fn, args = inbox.popleft()
             try:
-                fn(*args)
+                if obs is None:
+                    fn(*args)
+                else:
+                    obs.run(fn, args)
             except Exception:
                 _log.exception("exception in posted callback %s", _safe_repr(fn))
 
@@ -1353,14 +1486,15 @@ class _Poller:
 
     def _call_at(self, when: float, interval: float, fn: Callable, args: tuple) -> Timer:
         """A Timer for ``fn(*args)`` at monotonic ``when``, then every ``interval``
-        seconds if non-zero (until fn returns False); any thread."""
+        seconds if non-zero (until fn returns False); any thread.  Raises
+        RuntimeError once the poller is DONE (nothing would ever run it)."""
+        if self._state == _DONE:
+            raise RuntimeError("the reactor is stopped: cannot schedule %s" % _safe_repr(fn))
         if interval:                           # periodic: first deadline and period count
             t = Timer((when, 0, fn, args, self, interval, when, 0))
         else:
             t = Timer((when, 0, fn, args, self, 0.0))
-        # Not `self._running`: that is set by the poller thread once it starts,
-        # so testing it right after start() would race the first poll().
-        if self._tid == _get_ident() or not self.reactor._started:
+        if self._direct():
             self._push_timer(t)
         else:
             self._post(self._push_timer, t)
@@ -1385,34 +1519,12 @@ class _Poller:
     def call_later(self, delay_s: float, fn: Callable, *args: Any) -> Timer:
         """Run ``fn(*args)`` on this poller's thread after ``delay_s`` seconds (>= 0;
         inf: never); any thread.  Returns a Timer.  ValueError/TypeError name a bad
-        delay or a non-callable."""
-        # The hot path (bench/timers.py): a plain float skips the full check (NaN
-        # fails `>=` and takes it) and the heap push is inlined.  Same steps as
-        # _call_at + _push_timer.
-        if type(delay_s) is not float or not delay_s >= 0.0:
-            delay_s = _check_delay("delay_s", delay_s)
+        delay or a non-callable; RuntimeError once the reactor is stopped (while
+        it is stopping the Timer is accepted and cancelled with the others)."""
+        delay_s = _check_delay("delay_s", delay_s)
         if not callable(fn):
             raise TypeError("fn must be callable, got %r" % (fn,))
-        if self._tid != _get_ident() and self.reactor._started:
-            t = Timer((_monotonic() + delay_s, 0, fn, args, self, 0.0))
-            self._post(self._push_timer, t)
-            return t
-        self._seq = seq = self._seq + 1
-        when = _monotonic() + delay_s
-        t = Timer((when, seq, fn, args, self, 0.0))
-        heap = self._timers
-        heap.append(t)
-        i = len(heap) - 1
-        while i:
-            p = (i - 1) >> 2
-            parent = heap[p]
-            if when < parent[0]:               # the newest seq loses every tie: deadlines decide
-                heap[i] = parent
-                i = p
-            else:
-                break
-        heap[i] = t
-        return t
+        return self._call_at(_monotonic() + delay_s, 0.0, fn, args)
 
     def _run_timers(self, now: float) -> None:
         """Run the timers due at ``now`` (poller thread).  Every due entry is
@@ -1436,7 +1548,9 @@ class _Poller:
                 due += split
                 break
             due.append(_heap_pop(heap))
-        self.now_ms = int(now * 1000)          # (the loop set it already; the trace loop does not)
+        obs = self._observer
+        if obs is not None:
+            obs.timers_due(due)
         it = iter(due)
         t = None
         try:
@@ -1446,19 +1560,16 @@ class _Poller:
                 if fn is None:                 # cancelled (perhaps by an earlier timer)
                     self._timers_gone += 1
                     continue
-                if not t[5]:
+                periodic = t[5]
+                if not periodic:
                     t[2] = t[3] = None         # one-shot: release the callback before running it
-                    try:
-                        fn(*args)
-                    except Exception:
-                        _log.exception("exception in timer callback %s", _safe_repr(fn))
-                    continue
                 try:
-                    keep = fn(*args)
+                    keep = fn(*args) if obs is None else obs.run(fn, args)
                 except Exception:
                     _log.exception("exception in timer callback %s", _safe_repr(fn))
                     keep = False
-                self._rearm(t, now, keep)
+                if periodic:
+                    self._rearm(t, now, keep)
         except BaseException:
             # KeyboardInterrupt/SystemExit from a callback: keep the periodic timer
             # that raised, put back the due ones that have not run yet, so that
@@ -1534,7 +1645,7 @@ class _Poller:
         if dead > _COMPACT_MIN and dead * 2 > len(heap):
             self._compact()
         gone = self._timers_gone
-        if gone > 4096:                          # keep the cancel log short: drop what
+        if gone > _CANCEL_LOG_TRIM:              # keep the cancel log short: drop what
             del self._cancels[:gone]             # both sides have counted
             self._timers_gone = 0
         if self._inbox or self._closing:
@@ -1558,7 +1669,7 @@ class _Poller:
 
     def _add(self, h: IOHandle, fd: int, events: int) -> None:
         """Register ``h`` for ``events`` (EV_IN/EV_OUT/EV_ET).  Thread: see Reactor.add_handler."""
-        if self._stopping:
+        if self._state >= _STOPPING:
             raise RuntimeError("the reactor is stopping; cannot add %s" % _safe_repr(h))
         h.poller = self
         h._user = events & _EV_ALL
@@ -1566,16 +1677,11 @@ class _Poller:
         if old is not None and old is not h:
             raise ValueError("fd %d is already registered to %s" % (fd, _safe_repr(old)))
         self._handlers[fd] = h
+        if self._observer is not None:
+            self._observer.added(h, fd, events)
         try:
-            if events == EV_IN and h._plain_update and not (h._wq or h._eof or h._paused or h._state):
-                # The usual registration: _update's result without its frame
-                # (once per connection), the mask published first as there.
-                h._mask = EV_IN
-                b = self._backend
-                b.register(fd, b.native[EV_IN])
-            else:
-                h._mask = 0
-                h._update()
+            h._mask = 0
+            h._update()
         except BaseException:
             h._mask = 0
             del self._handlers[fd]
@@ -1588,31 +1694,36 @@ class _Poller:
         try:
             self._add(h, fd, events)
         except Exception:
-            if not self._stopping:
+            if self._state < _STOPPING:
                 _log.exception("could not register %s", _safe_repr(h))
             h.poller = None
             h._close_now()
 
-    def _orphan(self, fd: int) -> str:
-        """An event for an fd no handler owns (returns what it was, for the
-        trace).  The signal wakeup socket: drain it (see _signals_wake).
-        Normally the fd's handler was closed earlier in this batch (already
-        unregistered; the event was collected before): drop it.  Otherwise the
-        fd was closed behind goev's back and the kernel may report it forever:
-        make the backend forget it."""
+    def _unowned(self, fd: int) -> None:
+        """An event for an fd no handler owns.  The waker: drain it.  The signal
+        wakeup socket: drain it (see _signals_wake).  Normally the fd's handler
+        was closed earlier in this batch (already unregistered; the event was
+        collected before): drop it.  Otherwise the fd was closed behind goev's
+        back and the kernel may report it forever: make the backend forget it."""
         sig = self._sig
-        if sig is not None and fd == sig[0].fileno():
+        if fd == self._waker.fd:
+            self._waker.drain()
+            self._wake_pending = False      # after the drain: see "No lost wake-up"
+            what = "waker readable (drained)"
+        elif sig is not None and fd == sig[0].fileno():
             try:
                 while sig[0].recv(512):
                     pass
             except OSError:                 # (BlockingIOError: drained)
                 pass
-            return "a signal arrived (wakeup fd): its handler runs next"
-        for h in self._closing:
-            if h.fd == fd:
-                return "no handler any more (closed earlier in this batch): dropped"
-        self._backend.drop_stale(fd, self._registrations)
-        return "closed behind goev's back: the backend forgets it"
+            what = "a signal arrived (wakeup fd): its handler runs next"
+        elif any(h.fd == fd for h in self._closing):
+            what = "no handler any more (closed earlier in this batch): dropped"
+        else:
+            self._backend.drop_stale(fd, self._registrations)
+            what = "closed behind goev's back: the backend forgets it"
+        if self._observer is not None:
+            self._observer.say("fd %d: %s" % (fd, what))
 
     def _registrations(self) -> list:
         """(fd, events) of everything this poller watches (for drop_stale)."""
@@ -1620,20 +1731,29 @@ class _Poller:
         return own + [(fd, h._mask) for fd, h in list(self._handlers.items()) if h._mask]
 
     def _fault(self, h: IOHandle, where: str) -> None:
-        """A callback raised: log with the handler's repr, close that handler only."""
+        """A callback raised: log with the handler's repr, close that handler only.
+        The stored error keeps no traceback: a traceback holds the frames that
+        hold the handler, which would then live until a full garbage collection."""
+        e = sys.exc_info()[1]
         _log.exception("exception in %s of %s", where, _safe_repr(h))
-        if h.error is None:
-            h.error = sys.exc_info()[1]
+        if self._observer is not None:
+            self._observer.say("fd %d: %s raised -> logged, handler closed" % (h.fd, type(h).__name__))
+        if h.error is None and e is not None:
+            h.error = e.with_traceback(None)
         if h._state != _CLOSED:
             h._close_now()
 
     def _finish_closes(self) -> None:
+        """on_close, then the real close(fd), of the handlers closed this step."""
         closing = self._closing
+        obs = self._observer
         while closing:
             batch = closing[:]
             del closing[:]
             for i, h in enumerate(batch):
                 try:
+                    if obs is not None:
+                        obs.say("fd %d: closed -> on_close of %s" % (h.fd, type(h).__name__))
                     h._finish_close()
                 except BaseException:       # KeyboardInterrupt from an on_close: the rest
                     closing[:0] = batch[i + 1:]     # of the batch still gets theirs later
@@ -1642,21 +1762,21 @@ class _Poller:
     # -- the loop -------------------------------------------------------------------
 
     def _run(self) -> None:
-        """Run the loop on the calling thread until the reactor stops."""
-        self._tid = _get_ident()
-        self._mine.acquire()
-        self._running = True
+        """Run the loop on the calling thread, which holds ``_mine``, until the
+        reactor stops (then close everything) or a callback raises
+        KeyboardInterrupt/SystemExit (then leave the state as it is: run() may
+        be called again)."""
         try:
             self._signals_wake()
             self._loop()
+            if self._observer is not None:
+                self._observer.say("loop ends (stop requested)")
         finally:
-            self._running = False
             try:
                 self._signals_unwake()
-                if self._stopping:
-                    self._close_all()
             finally:
-                self._mine.release()
+                if self._state >= _STOPPING:
+                    self._close_all()
 
     # A poller that runs on the main thread (run()) must wake for a signal.
     # CPython runs a Python signal handler on the main thread, between two
@@ -1702,25 +1822,24 @@ class _Poller:
         w.close()
 
     def _loop(self) -> None:
+        """The reactor itself.  One pass: wait for events (or the next timer),
+        run posted work, dispatch each event to its handler, finish the closes,
+        run the due timers.  Until the life cycle leaves RUNNING."""
         poll = self._backend.poll
         handlers = self._handlers
         closing = self._closing
-        waker_fd = self._waker.fd
-        mono = _monotonic
         timers = self._timers
         inbox = self._inbox
         cancels = self._cancels
-        timeout = self._timeout
-        # The event bits as locals: this loop runs once per event.
-        OUT, IN, IN_ANY, HUP_ERR, CLOSING = EV_OUT, EV_IN, _IN_ANY, _HUP_ERR, _CLOSING
+        obs = self._observer            # trace or watchdog (section 7's hooks); None: neither
         now = 0.0       # read only on passes that start with timers: a timer scheduled
         #                 during a pass has a deadline after any earlier pass's clock
-        while not self._stopping:
+        while self._state == _RUNNING:
             # With no timer, no posted work and nothing closing, sleep until an
             # event (skip _timeout: the common case of a busy I/O server).
-            events = poll(timeout() if timers or inbox or closing or cancels else -1.0)
+            events = poll(self._timeout() if timers or inbox or closing or cancels else -1.0)
             if timers:
-                now = mono()                    # the pass's clock: now_ms, and which timers are due
+                now = _monotonic()              # the pass's clock: now_ms, and which timers are due
                 self.now_ms = int(now * 1000)
             if inbox:                           # first: posted before these events happened
                 self._drain_inbox()             # (bounded; its closes finish after the batch)
@@ -1728,61 +1847,62 @@ class _Poller:
                 try:                            # (a subscript is cheaper than .get())
                     h = handlers[fd]
                 except KeyError:                # the waker, or removed earlier in this batch
-                    h = None                    # (drop the last handler: it may be closed)
-                    if fd == waker_fd:
-                        self._waker.drain()
-                        self._wake_pending = False   # after the drain: see "No lost wake-up"
-                    else:
-                        self._orphan(fd)
+                    h = None                    # (let go of the last handler: it may be closed)
+                    self._unowned(fd)
                     continue
                 try:
                     # Reading only, the usual state: whatever the kernel reports
-                    # (IN, RDHUP, HUP, ERR) means "go and read".  An int compare
-                    # is cheap (specialized), a bit test is a generic call.
-                    if h._mask == IN:
-                        if not h.on_read():
+                    # (IN, RDHUP, HUP, ERR) means "go and read": bytes that came
+                    # before a FIN or a reset are delivered first.
+                    if h._mask == EV_IN:
+                        if not (h.on_read() if obs is None else obs.call(h, "on_read")):
                             h.close()
                         continue
-                    if ev & OUT:
-                        if not h.on_write():
+                    # Writable first: a connect completing, a queue to flush.
+                    if ev & EV_OUT:
+                        if not (h.on_write() if obs is None else obs.call(h, "on_write")):
                             h.close()
                         if h._state:
-                            if h._state == CLOSING and ev & HUP_ERR:
+                            if h._state == _CLOSING and ev & _HUP_ERR:
                                 h.abort()       # the flush cannot complete
                             continue
-                    if ev & IN_ANY:
-                        if h._mask & IN:
-                            if not h.on_read():
+                    if ev & _IN_ANY:
+                        if h._mask & EV_IN:
+                            if not (h.on_read() if obs is None else obs.call(h, "on_read")):
                                 h.close()
-                        elif ev & HUP_ERR:     # not reading (paused/half-closed): gone
+                        elif ev & _HUP_ERR:     # not reading (paused/half-closed): gone
+                            if obs is not None:
+                                obs.say("fd %d: hang-up while not reading -> abort" % fd)
                             h.error = h.error or ConnectionResetError(errno.ECONNRESET, "connection reset")
                             h.abort()
                 except Exception:
                     self._fault(h, "callback")
             if closing:
                 self._finish_closes()
-            if timers and timers[0][0] <= now:  # due during this pass: the next (timeout 0)
+            if timers and timers[0][0] <= now:  # due at this pass's clock (later ones: the next)
                 self._run_timers(now)
                 if closing:
                     self._finish_closes()
 
     def _close_all(self) -> None:
-        """Shut down: every handler gets on_close once; every fd is closed."""
-        if self._done:
+        """Shut down (CLOSING, then DONE): every handler gets on_close once,
+        every fd is closed.  Idempotent.  On the poller's thread, or on a thread
+        holding ``_mine`` while no loop runs (Reactor._join)."""
+        if self._state >= _CLOSING_ALL:
             return
-        self._done = True
+        self._state = _CLOSING_ALL
         try:
             self._close_all_steps()
         except BaseException:
             # KeyboardInterrupt/SystemExit from an on_close (or posted work): finish
             # the shutdown first -- handlers already closed are skipped -- then let
             # it through.  Each retry gets past the callback that raised.
-            self._done = False
+            self._state = _STOPPING
             self._close_all()
             raise
 
     def _close_all_steps(self) -> None:
-        self._drain_inbox_for_stop()
+        self._drain_for_stop()
         for h in list(self._handlers.values()):
             if h._state != _CLOSED:
                 if h._wq and h.error is None:
@@ -1790,15 +1910,12 @@ class _Poller:
                         h._flush()              # one last non-blocking attempt
                     except Exception:
                         pass
-                if isinstance(h, _Connecting):
-                    h._fail(ConnectionAbortedError(errno.ECONNABORTED, "reactor stopped"))
-                else:
-                    h._close_now()
+                h._abandon()
         self._finish_closes()
         # Work posted while the handlers closed (a registration, a connect, a
         # write racing stop()) runs once more: _add refuses now, so such a
         # handler is closed properly (on_close, fd closed) instead of leaking.
-        self._drain_inbox_for_stop()
+        self._drain_for_stop()
         self._finish_closes()
         for t in self._timers:
             t[2] = t[3] = None
@@ -1808,247 +1925,18 @@ class _Poller:
         self._backend.close()
         self._waker.close()
         self._handlers.clear()
-        # From here on producers drop what they post (see _post); what was
-        # posted since the drain above is dropped now, async writes counted.
-        self._inbox_closed = True
+        # DONE: from here on producers drop what they post (see _post); what
+        # was posted since the drain above is dropped now, async writes counted.
+        self._state = _DONE
         self._drop_inbox()
-        self._finished.set()
 
-    def _drain_inbox_for_stop(self) -> None:
-        # Posted work still runs (it may be a registration or a final write);
-        # work it posts in turn is dropped so shutdown always terminates.
+    def _drain_for_stop(self) -> None:
+        """Posted work still runs at shutdown (a registration, a final write), and
+        what it posts in turn runs once more; anything later is dropped, so the
+        shutdown always terminates."""
         for _ in range(2):
-            n = len(self._inbox)
-            for _ in range(n):
-                fn, args = self._inbox.popleft()
-                try:
-                    fn(*args)
-                except Exception:
-                    _log.exception("exception in posted callback %s", _safe_repr(fn))
+            self._drain_inbox(len(self._inbox))
         self._drop_inbox()
-
-
-# -- Trace mode ------------------------------------------------------------------
-# Reactor(trace=True), GOEV_TRACE=1 or --trace picks _TracePoller instead of
-# _Poller.  It is the same loop, step for step, with a line on stderr for each
-# step: what the kernel reported, which callback ran, every recv/send (partial
-# sends visible), every epoll_ctl (EV_OUT armed/disarmed), timers, wake-ups,
-# accepts and closes.  It wraps the backend and each registered socket in
-# printing proxies, so the fast path is untouched when tracing is off.
-
-def _ev_names(ev: int) -> str:
-    names = [n for bit, n in ((EV_IN, "IN"), (EV_OUT, "OUT"), (_EPOLLRDHUP, "RDHUP"),
-                              (_EPOLLHUP, "HUP"), (_EPOLLERR, "ERR"), (EV_ET, "ET")) if ev & bit]
-    return "|".join(names) or "none"
-
-
-class _TracedBackend:
-    """Prints every registration change, then forwards to the real backend."""
-
-    def __init__(self, backend: Any, say: Callable[[str], None]) -> None:
-        self._b, self._say, self.name = backend, say, backend.name
-        self.threadsafe_ctl, self.native = backend.threadsafe_ctl, backend.native
-        self._ev: dict = {}
-
-    def register(self, fd: int, ev: int) -> None:
-        self._say("fd %d: watch %s%s" % (fd, _ev_names(ev), " (EV_OUT armed)" if ev & EV_OUT else ""))
-        self._b.register(fd, ev)
-        self._ev[fd] = ev
-
-    def modify(self, fd: int, ev: int) -> None:
-        old = self._ev.get(fd, 0)
-        note = " (EV_OUT armed)" if ev & EV_OUT and not old & EV_OUT else \
-            " (EV_OUT disarmed)" if old & EV_OUT and not ev & EV_OUT else \
-            " (reading paused)" if old & EV_IN and not ev & EV_IN else \
-            " (reading resumed)" if ev & EV_IN and not old & EV_IN else ""
-        self._say("fd %d: watch %s -> %s%s" % (fd, _ev_names(old), _ev_names(ev), note))
-        self._b.modify(fd, ev)
-        self._ev[fd] = ev
-
-    def unregister(self, fd: int) -> None:
-        self._say("fd %d: stop watching" % fd)
-        self._ev.pop(fd, None)
-        self._b.unregister(fd)
-
-    def drop_stale(self, fd: int, live: Callable[[], list]) -> None:
-        self._say("fd %d: reported but owned by no handler (closed behind goev's back): forgotten" % fd)
-        self._ev.pop(fd, None)
-        self._b.drop_stale(fd, live)
-
-    def poll(self, timeout: float) -> list:
-        events = self._b.poll(timeout)
-        what = "%s_wait" % ("epoll" if self.name == "epoll" else "select")
-        shown = ", ".join("fd %d %s" % (fd, _ev_names(ev)) for fd, ev in events)
-        self._say("%s(timeout=%s) -> %d event%s%s" % (
-            what, "none" if timeout < 0 else "%.3fs" % timeout, len(events),
-            "" if len(events) == 1 else "s", ": " + shown if shown else ""))
-        return events
-
-    def close(self) -> None:
-        self._b.close()
-
-
-class _TracedSocket:
-    """A socket whose I/O calls print what they did; everything else forwards."""
-
-    def __init__(self, sock: socket.socket, say: Callable[[str], None]) -> None:
-        self._s, self._say = sock, say
-        self._fd = sock.fileno()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._s, name)
-
-    def recv_into(self, buf: Any, *a: Any) -> int:
-        try:
-            n = self._s.recv_into(buf, *a)
-        except BlockingIOError:
-            self._say("fd %d: recv -> nothing ready (EAGAIN)" % self._fd)
-            raise
-        except OSError as e:
-            self._say("fd %d: recv -> %s" % (self._fd, e))
-            raise
-        self._say("fd %d: recv -> %d bytes%s" % (self._fd, n, "" if n else " (end of stream)"))
-        return n
-
-    def _accept(self) -> tuple:          # what Acceptor.on_read calls
-        fd, addr = self._s._accept()
-        self._say("fd %d: accept -> new connection fd %d from %r" % (self._fd, fd, addr))
-        return fd, addr
-
-    def shutdown(self, how: int) -> None:
-        self._say("fd %d: shutdown(SHUT_WR): FIN sent" % self._fd)
-        self._s.shutdown(how)
-
-    def close(self) -> None:
-        self._say("fd %d: close(fd)" % self._fd)
-        self._s.close()
-
-
-class _TracePoller(_Poller):
-    """The teaching loop: _Poller's loop, one stderr line per step (trace mode)."""
-
-    def __init__(self, *a: Any) -> None:
-        super().__init__(*a)
-        self._backend = _TracedBackend(self._backend, self._say)
-        self._readv, self._write, self._writev = self._traced_readv, self._traced_write, self._traced_writev
-        self._say("created: %s backend, waker fd %d" % (self._backend.name, self._waker.fd))
-
-    # The fd-level I/O of IOHandle.read/write/_flush, printing what it did.
-    def _traced_readv(self, fd: int, bufs: list) -> int:
-        try:
-            n = os.readv(fd, bufs)
-        except BlockingIOError:
-            self._say("fd %d: readv -> nothing ready (EAGAIN)" % fd)
-            raise
-        except OSError as e:
-            self._say("fd %d: readv -> %s" % (fd, e))
-            raise
-        self._say("fd %d: readv -> %d bytes%s" % (fd, n, "" if n else " (end of stream)"))
-        return n
-
-    def _traced_write(self, fd: int, data: Any) -> int:
-        try:
-            n = os.write(fd, data)
-        except OSError as e:
-            self._say("fd %d: write %d bytes -> %s" % (fd, len(data), e))
-            raise
-        self._say("fd %d: write %d bytes -> %d sent%s" % (
-            fd, len(data), n, "" if n == len(data) else " (partial: rest queued)"))
-        return n
-
-    def _traced_writev(self, fd: int, bufs: list) -> int:
-        total = sum(map(len, bufs))
-        try:
-            n = os.writev(fd, bufs)
-        except OSError as e:
-            self._say("fd %d: writev %d buffers, %d bytes -> %s" % (fd, len(bufs), total, e))
-            raise
-        self._say("fd %d: writev %d buffers, %d bytes -> %d sent" % (fd, len(bufs), total, n))
-        return n
-
-    def _say(self, msg: str) -> None:
-        sys.stderr.write("goev[p%d] %s\n" % (self.index, msg))
-        sys.stderr.flush()
-
-    def _add(self, h: IOHandle, fd: int, events: int) -> None:
-        h._socket()                                 # (a bare fd: a socket to trace the close of)
-        if isinstance(h._sock, _TLSTransport):      # TLS: trace the ciphertext syscalls
-            h._sock.trace(self._say)
-        elif h._sock is not None and not isinstance(h._sock, _TracedSocket):
-            h._sock = _TracedSocket(h._sock, self._say)
-        self._say("fd %d: add handler %s for %s" % (fd, type(h).__name__, _ev_names(events)))
-        super()._add(h, fd, events)
-
-    def _post(self, fn: Callable, *args: Any) -> None:
-        wake = not self._wake_pending
-        super()._post(fn, *args)
-        if wake:
-            self._say("posted %s: waker written" % getattr(fn, "__name__", fn))
-
-    def _drain_inbox(self) -> None:
-        self._say("wake-up: running %d posted item%s" % (len(self._inbox), "s" * (len(self._inbox) != 1)))
-        super()._drain_inbox()
-
-    def _run_timers(self, now: float) -> None:
-        due = sum(1 for t in self._timers if t[0] <= now and t[2] is not None)
-        self._say("timers: %d due" % due)
-        super()._run_timers(now)
-
-    def _finish_closes(self) -> None:
-        for h in self._closing:
-            self._say("fd %d: closed -> on_close of %s" % (h.fd, type(h).__name__))
-        super()._finish_closes()
-
-    def _loop(self) -> None:
-        say = self._say
-        handlers = self._handlers
-        while not self._stopping:
-            events = self._backend.poll(self._timeout())
-            if self._inbox:
-                self._drain_inbox()
-            for fd, ev in events:
-                h = handlers.get(fd)
-                if h is None:
-                    if fd == self._waker.fd:
-                        say("fd %d: waker readable (drained)" % fd)
-                        self._waker.drain()
-                        self._wake_pending = False
-                    else:
-                        say("fd %d: %s" % (fd, self._orphan(fd)))
-                    continue
-                name = type(h).__name__
-                reading_only = h._mask == EV_IN   # then every event means "go and read"
-                try:
-                    if ev & EV_OUT and not reading_only:
-                        say("fd %d: %s.on_write()" % (fd, name))
-                        if not h.on_write():
-                            say("fd %d: on_write returned False -> close" % fd)
-                            h.close()
-                        if h._state:
-                            if h._state == _CLOSING and ev & _HUP_ERR:
-                                h.abort()
-                            continue
-                    if reading_only or ev & _IN_ANY:
-                        if h._mask & EV_IN:
-                            say("fd %d: %s.on_read()" % (fd, name))
-                            if not h.on_read():
-                                say("fd %d: on_read returned False -> close (after flushing %d queued bytes)"
-                                    % (fd, h._wq_bytes))
-                                h.close()
-                        elif ev & _HUP_ERR:
-                            say("fd %d: hang-up while not reading -> abort" % fd)
-                            h.error = h.error or ConnectionResetError(errno.ECONNRESET, "connection reset")
-                            h.abort()
-                except Exception:
-                    say("fd %d: %s raised -> logged, handler closed" % (fd, name))
-                    self._fault(h, "callback")
-            if self._closing:
-                self._finish_closes()
-            if self._timers and self._timers[0][0] <= _monotonic():
-                self._run_timers(_monotonic())
-                if self._closing:
-                    self._finish_closes()
-        say("loop ends (stop requested)")
 
 
 # =============================================================================
@@ -2065,38 +1953,55 @@ class Reactor:
 
     Parameters: ``pollers`` (>= 1), ``backend`` ("auto", "epoll", "selectors";
     auto honours the GOEV_BACKEND environment variable), ``read_buffer_size``
-    (bytes of each poller's shared read buffer), ``trace`` (print every loop
-    step to stderr; None: on if the GOEV_TRACE environment variable is set).  Raises ValueError/TypeError
-    on bad arguments.  Use as a context manager to be sure it is stopped.
+    (bytes of each poller's shared read buffer, 1 .. 0x7ffff000),
+    ``trace`` (print every loop step to stderr; None: on if the GOEV_TRACE
+    environment variable is set to anything but "" or "0"), ``slow_callback_ms``
+    (log a WARNING on the "goev" logger naming any handler callback, timer or
+    posted function that holds its poller longer than this many
+    milliseconds; None: off).  Raises ValueError/TypeError on bad arguments;
+    a failed construction leaves no fd behind.  Use as a context manager to
+    be sure it is stopped.
     """
 
     def __init__(self, pollers: int = 1, *, backend: str = "auto",
-                 read_buffer_size: int = DEFAULT_READ_BUFFER, trace: Optional[bool] = None) -> None:
+                 read_buffer_size: int = DEFAULT_READ_BUFFER, trace: Optional[bool] = None,
+                 slow_callback_ms: Optional[float] = None) -> None:
         _check_int("pollers", pollers, 1)
-        _check_int("read_buffer_size", read_buffer_size, 1)
+        _check_int("read_buffer_size", read_buffer_size, 1, _MAX_READ)
         backend_cls = _pick_backend(backend)
         if trace is None:
             trace = os.environ.get("GOEV_TRACE", "") not in ("", "0")
-        # The traced loop is a different class, chosen once here: the fast loop
-        # never tests a trace flag.
-        poller_cls = _TracePoller if trace else _Poller
+        slow = None
+        if slow_callback_ms is not None:
+            slow = _check_delay("slow_callback_ms", slow_callback_ms) / 1000.0
+        # The observer of every poller's loop, chosen once here (section 7's
+        # hooks): none (the plain loop), the watchdog, or trace mode.
+        observer: Optional[Callable[..., _Observer]] = None
+        if trace:
+            observer = _extra("tracer")
+        elif slow is not None:
+            observer = _Observer
         self.trace = bool(trace)
+        self.slow_callback_ms = slow_callback_ms
         self.backend: str = backend_cls.name
         self.pollers: list = []
         self._lock = _Lock()
-        self._started = False
-        self._stopped = False
+        self._drained: set = set()        # indexes of the pollers a shutdown() has emptied
+        self._fatal: list = []            # a KeyboardInterrupt/SystemExit from a background poller
         try:
             for i in range(pollers):
-                self.pollers.append(poller_cls(self, i, backend_cls, read_buffer_size))
+                p = _Poller(self, i, backend_cls, read_buffer_size)
+                self.pollers.append(p)
+                if observer is not None:
+                    observer(p, slow)
         except BaseException:
             for p in self.pollers:
-                p._stopping = True
+                p._advance(_STOPPING)
                 p._close_all()
             raise
 
     def __repr__(self) -> str:
-        state = "stopped" if self._stopped else "running" if self._started else "idle"
+        state = _STATE_NAMES[self.pollers[0]._state]
         return "<goev.Reactor %s pollers=%d %s>" % (self.backend, len(self.pollers), state)
 
     def __enter__(self) -> "Reactor":
@@ -2125,7 +2030,7 @@ class Reactor:
             _check_int("fd", fd, 0)
         if not isinstance(events, int) or events not in _EVENT_MASKS:
             raise ValueError("events must combine EV_IN/EV_OUT (and EV_ET), got %r" % (events,))
-        if self._stopped:
+        if self.pollers[0]._state >= _STOPPING:
             raise RuntimeError("reactor is stopped")
         if handler.poller is not None and handler._state != _CLOSED:
             raise ValueError("%s is already registered" % _safe_repr(handler))
@@ -2141,9 +2046,8 @@ class Reactor:
         if handler.fd != fd:
             handler.fd = fd
         # Direct unless another thread's poller may already sleep in select(): a
-        # selector does not see a registration made meanwhile, so post it.  After
-        # start() the poller may be about to poll even if it is not _running yet.
-        if p._backend.threadsafe_ctl or not self._started or p._tid == _get_ident():
+        # selector does not see a registration made meanwhile, so post it.
+        if p._backend.threadsafe_ctl or p._direct():
             p._add(handler, fd, events)
         else:
             handler.poller = p
@@ -2179,9 +2083,8 @@ class Reactor:
         """The poller whose thread is calling (so ``.index``, ``.cache``), or None.
         Lets an Acceptor's ``on_open`` keep a connection on the poller that
         accepted it: ``add_handler(h, h.fd, EV_IN, poller=r.current_poller().index)``."""
-        me = _get_ident()
         for p in self.pollers:
-            if p._tid == me and p._running:
+            if p._is_mine():
                 return p
         return None
 
@@ -2211,7 +2114,7 @@ class Reactor:
 
     def init_cache(self, key: Any, value: Any) -> None:
         """Set ``cache[key] = value`` on every poller now; before start()/run() only."""
-        if self._started:
+        if self.pollers[0]._state != _NEW:
             raise RuntimeError("init_cache is for before start(); use sync_cache")
         for p in self.pollers:
             p.cache[key] = value
@@ -2223,7 +2126,13 @@ class Reactor:
 
     # -- running ----------------------------------------------------------------------
 
-    def _spawn(self, pollers: list) -> None:
+    def _begin(self, pollers: list) -> None:
+        """NEW -> RUNNING for every poller (under the reactor lock), then a
+        thread for each of ``pollers``.  RuntimeError if a stop came first."""
+        for p in self.pollers:
+            p._advance(_RUNNING)
+        if self.pollers[0]._state != _RUNNING:
+            raise RuntimeError("reactor is stopped")
         for p in pollers:
             t = threading.Thread(target=self._thread_main, args=(p,),
                                  name="goev-poller-%d" % p.index, daemon=True)
@@ -2236,40 +2145,62 @@ class Reactor:
         # here would not interrupt the main thread's epoll_wait.  Block them.
         if hasattr(signal, "pthread_sigmask"):
             signal.pthread_sigmask(signal.SIG_BLOCK, _THREAD_BLOCKED_SIGNALS)
-        try:
-            p._run()
-        except BaseException:
-            _log.critical("poller %d died", p.index, exc_info=True)
-            p._stopping = True
-            p._close_all()
+        with p._mine:
+            try:
+                p._run()
+            except BaseException as e:
+                # KeyboardInterrupt/SystemExit from a callback (or a bug): nobody
+                # can catch it on this thread.  Stop the reactor and hand it to
+                # the thread that waits for it: run(), or stop() after start().
+                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    self._fatal.append(e)
+                else:
+                    _log.critical("poller %d died", p.index, exc_info=True)
+                self.stop()
+                p._close_all()
 
     def run(self) -> None:
         """Run poller 0 on the calling thread (the others on threads) until ``stop()``.
 
-        KeyboardInterrupt/SystemExit raised in a callback propagate out of run();
-        the reactor stays consistent and run() may be called again.  On the main
-        thread run() owns ``signal.set_wakeup_fd`` while it runs (the previous
-        one comes back after), so a Python signal handler runs at once even when
-        the signal lands on another thread or just before the loop sleeps."""
+        KeyboardInterrupt/SystemExit raised in a callback propagate out of run(),
+        also when raised on another poller's thread (the reactor then stops);
+        after one raised on this thread the reactor stays consistent and run()
+        may be called again (or stop() called to close everything).  On the
+        main thread run() owns ``signal.set_wakeup_fd`` while it runs (the
+        previous one comes back after), so a Python signal handler runs at once
+        even when the signal lands on another thread or just before the loop
+        sleeps.  Raises RuntimeError("reactor is already running") after
+        start() or while another run() is running, and once stopped."""
+        p0 = self.pollers[0]
         with self._lock:
-            if self._stopped:
+            if p0._state >= _STOPPING:
                 raise RuntimeError("reactor is stopped")
-            first = not self._started
-            self._started = True
-        if first:
-            self._spawn(self.pollers[1:])
-        self.pollers[0]._run()
-        if self.pollers[0]._stopping:
+            if p0._thread is not None or p0._is_mine() or not p0._mine.acquire(blocking=False):
+                raise RuntimeError("reactor is already running")
+            try:
+                if p0._state == _NEW:
+                    self._begin(self.pollers[1:])
+            except BaseException:
+                p0._mine.release()
+                raise
+        try:
+            p0._run()
+        finally:
+            p0._mine.release()
+        if p0._state >= _STOPPING:
             self._join(None)
-            self._stopped = True
+            self._raise_fatal()
 
     def start(self) -> None:
-        """Run every poller on a background thread and return at once."""
+        """Run every poller on a background thread and return at once.  RuntimeError
+        if the reactor is already running (start() or run()) or stopped."""
         with self._lock:
-            if self._stopped or self._started:
-                raise RuntimeError("reactor is %s" % ("stopped" if self._stopped else "already running"))
-            self._started = True
-        self._spawn(self.pollers)
+            p0 = self.pollers[0]
+            if p0._state != _NEW or not p0._mine.acquire(blocking=False):
+                raise RuntimeError("reactor is %s" % ("stopped" if p0._state >= _STOPPING
+                                                      else "already running"))
+            p0._mine.release()
+            self._begin(self.pollers)
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """Stop every poller: each handler gets on_close, every fd is closed.
@@ -2278,22 +2209,34 @@ class Reactor:
         From a poller's own callback it returns at once (the loops end after
         the current step), and so it does from a signal handler that interrupted
         this thread inside one of goev's locks (see _Lock); otherwise it waits up
-        to ``timeout`` seconds for every poller thread to finish."""
-        for p in self.pollers:
-            p._stopping = True
-            if p._running:
-                p._waker.wake()
-        if not self._started:
+        to ``timeout`` seconds (None: as long as it takes) for every poller to
+        finish, and raises a KeyboardInterrupt/SystemExit that a background
+        poller's callback raised."""
+        # The STOPPING transition takes the reactor lock, which orders it with
+        # start()'s NEW -> RUNNING (which must not overwrite it).  A signal
+        # handler that interrupted a goev lock on this thread cannot take it;
+        # there the interrupted code is on this very thread, between bytecodes.
+        if _locks_held():
+            for p in self.pollers:
+                p._advance(_STOPPING)
+        else:
             with self._lock:
-                if not self._started:
-                    self._stopped = True
-                    for p in self.pollers:
-                        p._close_all()
-                    return
-        me = _get_ident()
-        if any(p._tid == me for p in self.pollers) or _locks_held():
+                for p in self.pollers:
+                    p._advance(_STOPPING)
+        for p in self.pollers:
+            p._waker.wake()
+        if _locks_held() or any(p._is_mine() for p in self.pollers):
             return          # a poller's own callback, or a signal handler that interrupted
         self._join(timeout)  # this thread inside a goev lock: the pollers end by themselves
+        self._raise_fatal()
+
+    def _raise_fatal(self) -> None:
+        """Re-raise (once) a KeyboardInterrupt/SystemExit from a background poller
+        (the first one, if several pollers raised)."""
+        if self._fatal:
+            e = self._fatal[0]
+            del self._fatal[:]
+            raise e
 
     def shutdown(self, drain_timeout: float = 10.0) -> None:
         """Graceful stop: stop accepting, close every connection once its queued
@@ -2307,38 +2250,39 @@ class Reactor:
     def _drain_step(self, deadline: float) -> None:
         """On each poller: close listeners and connections (flush first), then
         poll until this poller is empty; the last poller to empty stops all."""
-        p = self.pollers[0] if len(self.pollers) == 1 else next(
-            q for q in self.pollers if q._tid == _get_ident())
+        p = self.current_poller()
+        assert p is not None
         for h in list(p._handlers.values()):
-            if isinstance(h, Acceptor):
-                IOHandle.close(h)
-            elif not isinstance(h, _Connecting):
-                h.close()
+            h._wind_down()
         if p._handlers and _monotonic() < deadline:
-            p._call_at(min(deadline, _monotonic() + 0.01), 0.0, self._drain_step, (deadline,))
+            p._call_at(min(deadline, _monotonic() + _DRAIN_POLL), 0.0, self._drain_step, (deadline,))
             return
-        p._drained = True
-        if all(q._drained for q in self.pollers) or _monotonic() >= deadline:
+        self._drained.add(p.index)
+        if len(self._drained) == len(self.pollers) or _monotonic() >= deadline:
             self.stop()
 
     def _join(self, timeout: Optional[float]) -> None:
+        """Wait up to ``timeout`` seconds for every poller to be DONE: join each
+        poller thread; a poller without one (poller 0 of run(), or a reactor
+        never started) is closed here, holding its ``_mine`` -- which waits for
+        a run() still looping on another thread to return first."""
         deadline = None if timeout is None else _monotonic() + timeout
         for p in self.pollers:
-            left = None if deadline is None else max(0.0, deadline - _monotonic())
+            left = -1.0 if deadline is None else max(0.0, deadline - _monotonic())
             t = p._thread
             if t is not None:
                 if t is not threading.current_thread():
-                    t.join(left)
-            elif p._running:
-                p._finished.wait(left)    # poller 0 inside run() on another thread
-            else:
-                p._close_all()            # poller 0 after run() returned, or never run
-        self._stopped = all(p._done for p in self.pollers)
+                    t.join(None if left < 0 else left)
+            elif p._mine.acquire(timeout=left):
+                try:
+                    p._close_all()
+                finally:
+                    p._mine.release()
 
     @property
     def stopped(self) -> bool:
         """True once every poller has shut down."""
-        return all(p._done for p in self.pollers)
+        return all(p._state == _DONE for p in self.pollers)
 
 
 # =============================================================================
@@ -2584,8 +2528,8 @@ class _ProxyHeader(IOHandle):
         h.fd = self.fd
         h.peer = self.peer if client is None else client
         h.reactor = a.conn_reactor
-        if isinstance(p, _TracePoller):
-            p._say("fd %d: PROXY v%d header: client %r via %r" % (h.fd, version, h.peer, self.peer))
+        if p._observer is not None:
+            p._observer.say("fd %d: PROXY v%d header: client %r via %r" % (h.fd, version, h.peer, self.peer))
         if a._tls is not None:                  # the header came first; now the TLS handshake
             sock, h._sock, h.fd = h._sock, None, -1
             _TLSHandshake.launch(h, sock, a._tls, True, None, a._tls_timeout, h.peer)
@@ -2819,7 +2763,7 @@ class Acceptor(IOHandle):
             done.wait(5.0)
             return
         IOHandle.close(self)
-        if p is not None and not p._running:
+        if p is not None and not p._is_mine():
             p._finish_closes()
 
     def on_close(self) -> None:
@@ -2881,6 +2825,12 @@ class _Connecting(IOHandle):
         e = self.error if isinstance(self.error, OSError) and not err else None
         self._fail(e or _oserror(err or errno.ECONNABORTED, str(self.addr)))
 
+    def _abandon(self) -> None:
+        self._fail(ConnectionAbortedError(errno.ECONNABORTED, "reactor stopped"))
+
+    def _wind_down(self) -> None:
+        pass                              # let it settle: the handler it opens is drained next
+
     def _take(self) -> bool:
         """True exactly once: the start of the connect is claimed either by the
         poller (``_start``) or by ``connect()`` when that poller has shut down."""
@@ -2892,7 +2842,7 @@ class _Connecting(IOHandle):
 
 
     def _succeed(self) -> None:
-        if self.poller._stopping:          # on_open could not register any more
+        if self.poller._state >= _STOPPING:   # on_open could not register any more
             self._fail(ConnectionAbortedError(errno.ECONNABORTED, "reactor stopped"))
             return
         sock = self._detach()
@@ -2965,7 +2915,7 @@ class Connector:
         if handler._sock is not None or handler.poller is not None or handler.fd >= 0:
             raise ValueError("%s is already open, connecting or registered" % _safe_repr(handler))
         timeout = _check_delay("timeout_ms", timeout_ms)
-        if self.reactor._stopped:
+        if self.reactor.pollers[0]._state >= _STOPPING:
             raise RuntimeError("reactor is stopped")
         family, sockaddr = parse_address(addr)
         if family != socket.AF_UNIX and sockaddr[1] == 0:
@@ -2999,7 +2949,7 @@ class Connector:
         # Always posted, even from p's own thread: on_open/on_connect_fail must
         # never run inside connect() (the caller's state may be half updated).
         p._post(self._start, c, err, timeout)
-        if p._done and c._take():             # p shut down: nobody will run _start
+        if p._state >= _CLOSING_ALL and c._take():   # p shut down: nobody will run _start
             handler.fd = -1
             sock.close()
             raise RuntimeError("reactor is stopped")
@@ -3012,7 +2962,7 @@ class Connector:
         c.reactor = c.target.reactor
         c.poller = p
         c._state = _OPEN
-        if p._stopping:
+        if p._state >= _STOPPING:
             c._fail(ConnectionAbortedError(errno.ECONNABORTED, "reactor stopped"))
         elif err == 0:                    # immediate success (common on unix sockets)
             c._succeed()
@@ -3028,6 +2978,184 @@ class Connector:
                 c.schedule_timer(timeout)
         else:
             c._fail(_oserror(err, str(c.addr)))
+
+
+# =============================================================================
+# 11. Trace mode: every step of the loop on stderr
+# =============================================================================
+# Reactor(trace=True), GOEV_TRACE=1 or --trace attach a _Tracer to each
+# poller: the loop's observer (section 7's hooks), so what it prints is the
+# real loop's order, step for step.  A line on stderr for each step: what the
+# kernel reported, which callback ran, every read and write (partial writes
+# visible), every epoll_ctl (EV_OUT armed/disarmed), timers, wake-ups,
+# accepts and closes.  It wraps the backend, the poller's fd-level I/O and
+# each registered socket in printing proxies; with trace off none of this
+# code runs.
+
+def _ev_names(ev: int) -> str:
+    names = [n for bit, n in ((EV_IN, "IN"), (EV_OUT, "OUT"), (_EPOLLRDHUP, "RDHUP"),
+                              (_EPOLLHUP, "HUP"), (_EPOLLERR, "ERR"), (EV_ET, "ET")) if ev & bit]
+    return "|".join(names) or "none"
+
+
+class _TracedBackend:
+    """Prints every registration change, then forwards to the real backend."""
+
+    def __init__(self, backend: Any, say: Callable[[str], None]) -> None:
+        self._b, self._say, self.name = backend, say, backend.name
+        self.threadsafe_ctl, self.native = backend.threadsafe_ctl, backend.native
+        self._ev: dict = {}
+
+    def register(self, fd: int, ev: int) -> None:
+        self._say("fd %d: watch %s%s" % (fd, _ev_names(ev), " (EV_OUT armed)" if ev & EV_OUT else ""))
+        self._b.register(fd, ev)
+        self._ev[fd] = ev
+
+    def modify(self, fd: int, ev: int) -> None:
+        old = self._ev.get(fd, 0)
+        note = " (EV_OUT armed)" if ev & EV_OUT and not old & EV_OUT else \
+            " (EV_OUT disarmed)" if old & EV_OUT and not ev & EV_OUT else \
+            " (reading paused)" if old & EV_IN and not ev & EV_IN else \
+            " (reading resumed)" if ev & EV_IN and not old & EV_IN else ""
+        self._say("fd %d: watch %s -> %s%s" % (fd, _ev_names(old), _ev_names(ev), note))
+        self._b.modify(fd, ev)
+        self._ev[fd] = ev
+
+    def unregister(self, fd: int) -> None:
+        self._say("fd %d: stop watching" % fd)
+        self._ev.pop(fd, None)
+        self._b.unregister(fd)
+
+    def drop_stale(self, fd: int, live: Callable[[], list]) -> None:
+        self._say("fd %d: reported but owned by no handler (closed behind goev's back): forgotten" % fd)
+        self._ev.pop(fd, None)
+        self._b.drop_stale(fd, live)
+
+    def poll(self, timeout: float) -> list:
+        events = self._b.poll(timeout)
+        what = "%s_wait" % ("epoll" if self.name == "epoll" else "select")
+        shown = ", ".join("fd %d %s" % (fd, _ev_names(ev)) for fd, ev in events)
+        self._say("%s(timeout=%s) -> %d event%s%s" % (
+            what, "none" if timeout < 0 else "%.3fs" % timeout, len(events),
+            "" if len(events) == 1 else "s", ": " + shown if shown else ""))
+        return events
+
+    def close(self) -> None:
+        self._b.close()
+
+
+class _TracedSocket:
+    """A socket whose I/O calls print what they did; everything else forwards."""
+
+    def __init__(self, sock: socket.socket, say: Callable[[str], None]) -> None:
+        self._s, self._say = sock, say
+        self._fd = sock.fileno()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._s, name)
+
+    def recv_into(self, buf: Any, *a: Any) -> int:
+        try:
+            n = self._s.recv_into(buf, *a)
+        except BlockingIOError:
+            self._say("fd %d: recv -> nothing ready (EAGAIN)" % self._fd)
+            raise
+        except OSError as e:
+            self._say("fd %d: recv -> %s" % (self._fd, e))
+            raise
+        self._say("fd %d: recv -> %d bytes%s" % (self._fd, n, "" if n else " (end of stream)"))
+        return n
+
+    def _accept(self) -> tuple:          # what Acceptor.on_read calls
+        fd, addr = self._s._accept()
+        self._say("fd %d: accept -> new connection fd %d from %r" % (self._fd, fd, addr))
+        return fd, addr
+
+    def shutdown(self, how: int) -> None:
+        self._say("fd %d: shutdown(SHUT_WR): FIN sent" % self._fd)
+        self._s.shutdown(how)
+
+    def close(self) -> None:
+        self._say("fd %d: close(fd)" % self._fd)
+        self._s.close()
+
+
+class _Tracer(_Observer):
+    """The teaching observer: one stderr line per step of its poller's loop."""
+    __slots__ = ()
+
+    def __init__(self, poller: _Poller, slow: Optional[float]) -> None:
+        super().__init__(poller, slow)
+        poller._backend = _TracedBackend(poller._backend, self.say)
+        poller._readv, poller._write, poller._writev = self._readv, self._write, self._writev
+        self.say("created: %s backend, waker fd %d" % (poller._backend.name, poller._waker.fd))
+
+    def say(self, msg: str) -> None:
+        sys.stderr.write("goev[p%d] %s\n" % (self.poller.index, msg))
+        sys.stderr.flush()
+
+    def call(self, h: IOHandle, method: str) -> Any:
+        fd = h.fd
+        self.say("fd %d: %s.%s()" % (fd, type(h).__name__, method))
+        keep = super().call(h, method)
+        if not keep:
+            self.say("fd %d: %s returned %r -> close (after flushing %d queued bytes)"
+                     % (fd, method, keep, h._wq_bytes))
+        return keep
+
+    def added(self, h: IOHandle, fd: int, events: int) -> None:
+        s = h._socket()                             # (a bare fd: a socket to trace the close of)
+        trace = getattr(s, "trace", None)
+        if trace is not None:                       # a transport that traces itself (TLS)
+            trace(self.say)
+        elif s is not None and s is not _BARE and not isinstance(s, _TracedSocket):
+            h._sock = _TracedSocket(s, self.say)
+        self.say("fd %d: add handler %s for %s" % (fd, type(h).__name__, _ev_names(events)))
+
+    def posted(self, fn: Callable) -> None:
+        self.say("posted %s: waker written" % getattr(fn, "__name__", fn))
+
+    def draining(self, n: int) -> None:
+        self.say("wake-up: running %d posted item%s" % (n, "s" * (n != 1)))
+
+    def timers_due(self, due: list) -> None:
+        self.say("timers: %d due" % sum(1 for t in due if t[2] is not None))
+
+    # The fd-level I/O of IOHandle.read/write/_flush, printing what it did.
+    def _readv(self, fd: int, bufs: list) -> int:
+        try:
+            n = os.readv(fd, bufs)
+        except BlockingIOError:
+            self.say("fd %d: readv -> nothing ready (EAGAIN)" % fd)
+            raise
+        except OSError as e:
+            self.say("fd %d: readv -> %s" % (fd, e))
+            raise
+        self.say("fd %d: readv -> %d bytes%s" % (fd, n, "" if n else " (end of stream)"))
+        return n
+
+    def _write(self, fd: int, data: Any) -> int:
+        try:
+            n = os.write(fd, data)
+        except OSError as e:
+            self.say("fd %d: write %d bytes -> %s" % (fd, len(data), e))
+            raise
+        self.say("fd %d: write %d bytes -> %d sent%s" % (
+            fd, len(data), n, "" if n == len(data) else " (partial: rest queued)"))
+        return n
+
+    def _writev(self, fd: int, bufs: list) -> int:
+        total = sum(map(len, bufs))
+        try:
+            n = os.writev(fd, bufs)
+        except OSError as e:
+            self.say("fd %d: writev %d buffers, %d bytes -> %s" % (fd, len(bufs), total, e))
+            raise
+        self.say("fd %d: writev %d buffers, %d bytes -> %d sent" % (fd, len(bufs), total, n))
+        return n
+
+
+_EXTRAS["tracer"] = _Tracer
 
 
 # =============================================================================
@@ -3223,7 +3351,7 @@ class _TLSMixin(IOHandle):
         if t is None or t.notified or self.error is not None or self._state or self._shut_wr:
             return
         p = self.poller
-        if p is None or p._tid != _get_ident():
+        if p is None or not p._is_mine():
             return
         t.notified = True
         try:
@@ -3294,11 +3422,11 @@ class _TLSHandshake(IOHandle):
             hs._fail(e if isinstance(e, OSError) else _ssllib.SSLError(str(e)))
             return
         p = target.reactor._poller_for(hs.fd)
-        if p._tid == _get_ident():
+        if p._is_mine():
             hs._begin()
             return
         p._post(hs._begin)
-        if p._done and hs._take():         # p shut down: nobody will run _begin
+        if p._state >= _CLOSING_ALL and hs._take():   # p shut down: nobody will run _begin
             hs._fail(ConnectionAbortedError(errno.ECONNABORTED, "reactor stopped"))
 
     def _take(self) -> bool:
@@ -3366,7 +3494,7 @@ class _TLSHandshake(IOHandle):
 
     def _succeed(self) -> None:
         p = self.poller
-        if p._stopping:
+        if p._state >= _STOPPING:
             self._fail(ConnectionAbortedError(errno.ECONNABORTED, "reactor stopped"))
             return
         h = self.target
@@ -3723,8 +3851,8 @@ def _retire(reactor: Reactor, drain_timeout: float) -> None:
 def _serve_here(addr: Any, factory: Callable[[], IOHandle], pollers: int, backend: str,
                 drain_timeout: float, reuse_port: bool, ready: Optional[Callable], trace: Optional[bool],
                 setup: Optional[Callable], kw: dict, socks: Optional[list] = None,
-                worker: bool = False) -> int:
-    reactor = Reactor(pollers, backend=backend, trace=trace)
+                worker: bool = False, slow_callback_ms: Optional[float] = None) -> int:
+    reactor = Reactor(pollers, backend=backend, trace=trace, slow_callback_ms=slow_callback_ms)
     try:
         if socks:        # listening already (systemd's, or the supervisor's): one Acceptor each
             acceptors = [Acceptor.from_socket(reactor, s, factory, **kw) for s in socks]
@@ -3762,7 +3890,7 @@ def _serve_here(addr: Any, factory: Callable[[], IOHandle], pollers: int, backen
 def serve(addr: Union[str, tuple, None], factory: Callable[[], IOHandle], *, workers: int = 1,
           pollers: int = 1, backend: str = "auto", drain_timeout: float = 10.0, trace: Optional[bool] = None,
           ready: Optional[Callable[[Any], None]] = None, setup: Optional[Callable[[Reactor], None]] = None,
-          **acceptor_kw: Any) -> int:
+          slow_callback_ms: Optional[float] = None, **acceptor_kw: Any) -> int:
     """Serve ``factory`` handlers on ``addr`` until SIGTERM/SIGINT; returns the exit code (0).
 
     ``workers=1`` serves in this process (``pollers`` threads, one REUSEPORT
@@ -3783,12 +3911,15 @@ def serve(addr: Union[str, tuple, None], factory: Callable[[], IOHandle], *, wor
     (it may be None).
     ``setup(reactor)`` runs in each worker before serving (timers, caches);
     ``ready(address)`` is called once listening (in the supervisor for N > 1).
+    ``trace`` and ``slow_callback_ms`` go to each worker's Reactor.
     Other keywords go to Acceptor (``proxy_protocol=True``, ``ssl=``, ...).
     Main thread only (it installs signal handlers).
     """
     _check_int("workers", workers, 1)
     _check_int("pollers", pollers, 1)
     _check_delay("drain_timeout", drain_timeout)
+    if slow_callback_ms is not None:
+        _check_delay("slow_callback_ms", slow_callback_ms)
     _pick_backend(backend)
     if not callable(factory):
         raise TypeError("factory must be callable, got %r" % (factory,))
@@ -3798,9 +3929,9 @@ def serve(addr: Union[str, tuple, None], factory: Callable[[], IOHandle], *, wor
     reuse_port = acceptor_kw.pop("reuse_port", None)
     if workers == 1:
         return _serve_here(addr, factory, pollers, backend, drain_timeout, bool(reuse_port), ready,
-                           trace, setup, acceptor_kw, socks)
+                           trace, setup, acceptor_kw, socks, slow_callback_ms=slow_callback_ms)
     return _Supervisor(addr, factory, workers, pollers, backend, drain_timeout, trace, ready,
-                       setup, acceptor_kw, socks, reuse_port).run()
+                       setup, acceptor_kw, socks, reuse_port, slow_callback_ms).run()
 
 
 class _Supervisor:
@@ -3808,8 +3939,10 @@ class _Supervisor:
 
     def __init__(self, addr: Any, factory: Callable, workers: int, pollers: int, backend: str,
                  drain_timeout: float, trace: Optional[bool], ready: Optional[Callable],
-                 setup: Optional[Callable], kw: dict, socks: list, reuse_port: Optional[bool]) -> None:
+                 setup: Optional[Callable], kw: dict, socks: list, reuse_port: Optional[bool],
+                 slow_callback_ms: Optional[float]) -> None:
         self.factory, self.workers, self.pollers, self.backend = factory, workers, pollers, backend
+        self.slow_callback_ms = slow_callback_ms
         self.drain_timeout, self.trace, self.ready, self.setup, self.kw = drain_timeout, trace, ready, setup, kw
         self._unix_path = None
         if socks:                                 # systemd's: shared by every slot
@@ -3862,7 +3995,8 @@ class _Supervisor:
                 me = os.getpid().to_bytes(4, "little")
                 code = _serve_here(self.addr, self.factory, self.pollers, self.backend,
                                    self.drain_timeout, True, lambda _: os.write(self._ready_w, me),
-                                   self.trace, self.setup, self.kw, mine, worker=True)
+                                   self.trace, self.setup, self.kw, mine, worker=True,
+                                   slow_callback_ms=self.slow_callback_ms)
             except BaseException:
                 _log.critical("worker %d crashed", os.getpid(), exc_info=True)
             finally:
@@ -4144,6 +4278,8 @@ def _main(argv: Optional[list] = None) -> int:           # pragma: no cover - ru
         sp.add_argument("--backend", default="auto", help="auto (default), epoll or selectors")
         sp.add_argument("--trace", action="store_true", default=None,
                         help="print every step of the loop to stderr (teaching)")
+        sp.add_argument("--slow-callback-ms", type=float, metavar="N",
+                        help="log a WARNING for any callback that holds its poller over N ms")
         sp.add_argument("--tls-cert", metavar="CERT", help="serve TLS with this PEM certificate (chain)")
         sp.add_argument("--tls-key", metavar="KEY", help="its PEM private key (default: in CERT)")
         sp.add_argument("--proxy-protocol", action="store_true",
@@ -4174,7 +4310,7 @@ def _main(argv: Optional[list] = None) -> int:           # pragma: no cover - ru
         kw["proxy_protocol"] = True
     try:
         return serve(args.addr, factory, workers=args.workers, pollers=args.pollers, backend=args.backend,
-                     trace=args.trace, ready=ready, setup=setup, **kw)
+                     trace=args.trace, ready=ready, setup=setup, slow_callback_ms=args.slow_callback_ms, **kw)
     except (TypeError, ValueError) as e:
         print("goev: %s" % e, file=sys.stderr)
     except OSError as e:
