@@ -10,12 +10,14 @@ Run:  python -m pytest -q test_goev.py
 """
 
 import base64
+import contextlib
 import errno
 import faulthandler
 import fcntl
 import gc
 import hashlib
 import http.client
+import importlib.util
 import logging
 import math
 import os
@@ -9493,3 +9495,460 @@ def test_cli_slow_callback_ms(backend, tmp_path):
     text = (tmp_path / "err").read_text()
     assert rc == 0, text
     assert "goev" in text and "held poller" not in text
+
+# =============================================================================
+# Examples: hardening of kv, websocket and async_http (items 14-18)
+# =============================================================================
+
+MiB = 1 << 20
+
+
+def proc_status(pid, field):
+    """A /proc/PID/status field in bytes (VmRSS: resident now, VmHWM: the peak)."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no %s in /proc/%d/status" % (field, pid))
+
+
+def reset_peak_rss(pid):
+    """Make VmHWM start again from the current VmRSS (Linux >= 4.0; our own child).
+    Where that is refused the peak keeps counting from the start: a stricter test."""
+    try:
+        with open("/proc/%d/clear_refs" % pid, "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def exchange_to_eof(ex, data):
+    """Send ``data`` and FIN on a new connection; everything the server sends
+    until it closes (a reset counts as a close)."""
+    with ex.connect() as s:
+        got = bytearray()
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+        return bytes(got)
+
+
+def mutations(rng, samples, count):
+    """``count`` malformed variants of the ``samples``: bytes flipped, cut,
+    repeated or replaced by digits and separators a parser trips over."""
+    nasty = [b"\r\n", b"\n", b"\r", b"\x00", b"\xff", b"-1", b"0", b"99999999999999999999999",
+             b"1" * 5000, b"*", b"$", b":", b" ", b"\t", b"\x80\x81", b"%s", b"\xed\xa0\x80"]
+    out = []
+    for _ in range(count):
+        data = bytearray(rng.choice(samples))
+        for _ in range(rng.randint(1, 4)):
+            if not data:
+                data += rng.choice(nasty)
+                continue
+            i = rng.randrange(len(data))
+            op = rng.randrange(5)
+            if op == 0:
+                data[i] = rng.randrange(256)
+            elif op == 1:
+                del data[i:]
+            elif op == 2:
+                data[i:i] = rng.choice(nasty)
+            elif op == 3:
+                j = rng.randrange(i, len(data) + 1)
+                data[i:i] = data[i:j]
+            else:
+                data[i:i + rng.randint(1, 8)] = rng.choice(nasty)
+        out.append(bytes(data))
+    return out
+
+
+# -- kv.py --------------------------------------------------------------------
+
+def test_kv_pipelined_gets_of_a_big_value_keep_memory_bounded(backend, npollers):
+    """Item 14: 200 pipelined ``GET big`` (4.4 KB asked, 200 MB to answer) from a
+    client that does not read.  The replies must wait for the client, not pile
+    up in the server: its memory stays within the water marks and one batch.
+    With 3 pollers, three connections (consecutive fds) land on three pollers,
+    so two of them go through poller 0 and back."""
+    value = os.urandom(MiB)
+    n = 200
+    with Example("kv.py", backend, "--pollers", str(npollers)) as ex:
+        socks = [ex.connect() for _ in range(npollers)]
+        try:
+            clients = [RESPClient(s) for s in socks]
+            assert clients[0].call("SET", "big", value) == "OK"
+            for c in clients:
+                assert c.call("PING") == "PONG"
+            pid = ex.proc.pid
+            reset_peak_rss(pid)
+            base = proc_status(pid, "VmRSS")
+            for c in clients:
+                c.sock.sendall(resp_command("GET", "big") * n)
+                # Not reading yet: the server has begun answering once bytes
+                # arrive here (an unbounded server has built every reply by then).
+                wait_until(lambda: _inq(c.sock.fileno()) > 0, what="the first reply")
+                stalled = proc_status(pid, "VmRSS") - base
+                assert stalled < 100 * MiB, "server RSS grew %d MiB while the client did not read" % (
+                    stalled >> 20)
+                for i in range(n):
+                    got = c.reply()
+                    assert got == value, "reply %d: %r" % (i, got[:40] if got else got)
+                assert c.call("PING") == "PONG"
+            peak = proc_status(pid, "VmHWM") - base
+        finally:
+            for s in socks:
+                s.close()
+    assert peak < 100 * MiB, "server peak RSS grew %d MiB for 200 pipelined GETs of 1 MiB" % (peak >> 20)
+
+
+def test_kv_commands_split_across_many_reads(backend):
+    """Item 15: a parser that keeps a command's finished arguments between reads
+    must still get every split right: inside "\\r\\n", inside length lines,
+    inside payloads, one byte at a time."""
+    rng = random.Random(15)
+    with Example("kv.py", backend) as ex, ex.connect() as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c = RESPClient(s)
+        keys = [b"key:%d" % i for i in range(200)]
+        values = [rng.randbytes(rng.choice([0, 1, 2, 100, 5000, 70000])) + b"\r\n$3\r\n*1\r\n"
+                  for _ in keys]
+        # 200 SETs, pipelined, cut at random points.
+        wire = b"".join(resp_command("SET", k, v) for k, v in zip(keys, values))
+        i = 0
+        while i < len(wire):
+            step = rng.randint(1, 3000)
+            s.sendall(wire[i:i + step])
+            i += step
+        assert [c.reply() for _ in keys] == ["OK"] * len(keys)
+        # One command of 101 arguments, sent in pieces of 1 to 7 bytes.
+        wire = resp_command("DEL", *keys[:100], b"missing")
+        i = 0
+        while i < len(wire):
+            step = rng.randint(1, 7)
+            s.sendall(wire[i:i + step])
+            i += step
+        assert c.reply() == 100
+        # A 3 MiB argument in 1000-byte pieces, then read back whole.
+        big = rng.randbytes(3 * MiB)
+        wire = resp_command("SET", "big", big)
+        for i in range(0, len(wire), 1000):
+            s.sendall(wire[i:i + 1000])
+        assert c.reply() == "OK"
+        got = c.pipeline(*[("GET", k) for k in keys[100:]], ("GET", "big"), ("EXISTS", keys[0]))
+        assert got == values[100:] + [big, 0]
+        # An inline command one byte per send, then a RESP one in the same segment as its end.
+        for byte in b"SET inline yes\r":
+            s.sendall(bytes([byte]))
+        s.sendall(b"\n" + resp_command("GET", "inline"))
+        assert [c.reply(), c.reply()] == ["OK", b"yes"]
+
+
+def _load_kv():
+    """examples/kv.py as a fresh module (its goev import finds the one loaded)."""
+    spec = importlib.util.spec_from_file_location("_kv_under_test", os.path.join(HERE, "examples", "kv.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class _NoLoop:
+    """The reactor and poller an offline kv Client sees: registration is a no-op."""
+
+    def add_handler(self, *args, **kw):
+        pass
+
+    def append_event(self, *args):
+        pass
+
+    def remove_event(self, *args):
+        pass
+
+    def call_later(self, *args):
+        raise AssertionError("one poller: nothing should cross threads")
+
+
+def _kv_offline(mod, chunks):
+    """Feed ``chunks`` to a kv Client, one read each, without sockets or threads
+    (one poller: the data's).  Returns everything it wrote."""
+    loop = _NoLoop()
+    mod.Client.db = mod.Store(loop)
+
+    class Offline(mod.Client):
+        def read(self):
+            return self.inbox.pop(0) if self.inbox else None
+
+        def write(self, data):
+            self.outbox.append(bytes(data))
+
+        def close(self):
+            self.outbox.append(b"<close>")
+
+    h = Offline()
+    h.inbox, h.outbox = [], []
+    h.reactor = h.poller = loop
+    assert h.on_open()
+    for chunk in chunks:
+        h.inbox.append(chunk)
+        assert h.on_read() is not False
+    return b"".join(h.outbox)
+
+
+def test_kv_parser_work_is_linear_in_the_input():
+    """Item 15: one DEL with n arguments of 4 KiB arriving in 4 KiB reads.  A
+    parser that re-parses from the start of the command copies every finished
+    argument again at every read: n^2/2 argument copies.  Work is counted, not
+    timed: every slice taken from the connection's input buffers (the module's
+    ``bytearray``, swapped for a counting one) -- the copies that grow with a
+    re-parse."""
+    work = {}
+    for n in (200, 400):
+        mod = _load_kv()
+
+        class Counting(bytearray):
+            copied = 0
+
+            def __getitem__(self, index):
+                item = bytearray.__getitem__(self, index)
+                if isinstance(index, slice):
+                    Counting.copied += len(item)
+                return item
+        mod.bytearray = Counting             # the buffers kv.py makes are these now
+        args = [b"%06d" % i + b"x" * 4090 for i in range(n)]
+        wire = resp_command("SET", args[7], "v") + resp_command("DEL", *args, "missing")
+        out = _kv_offline(mod, [wire[i:i + 4096] for i in range(0, len(wire), 4096)])
+        assert out == b"+OK\r\n:1\r\n", out[:100]
+        work[n] = Counting.copied
+        assert Counting.copied <= 3 * len(wire), (
+            "%d bytes copied out of the input buffer for %d bytes of input" % (Counting.copied, len(wire)))
+    assert work[400] < 2.5 * work[200], "twice the input cost %.1fx the work" % (work[400] / work[200])
+
+
+def test_kv_query_buffer_limit_gives_protocol_error_and_close(backend):
+    """Item 15: --max-query-bytes caps the memory of one command (each argument
+    counted as its length plus a fixed overhead).  A length line that would pass
+    it is refused at once -- before its bytes are sent, let alone buffered."""
+    with Example("kv.py", backend, "--max-query-bytes", "100000") as ex:
+        with ex.connect() as s:
+            assert RESPClient(s).call("SET", "small", b"v" * 50000) == "OK"     # under the cap
+        for name, request in [
+                ("big argument", b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$150000\r\n"),  # its payload never sent
+                ("many arguments", resp_command("DEL", *[b"k"] * 3000))]:       # 3000 * (1 + overhead)
+            with ex.connect() as s:
+                c = RESPClient(s)
+                s.sendall(resp_command("PING") + request)
+                assert c.reply() == "PONG", name          # what came before is answered first
+                r = c.reply()
+                assert is_err(r, "Protocol error") and "query buffer limit" in r[1], (name, r)
+                assert c.at_eof(), name
+        with ex.connect() as s:
+            assert RESPClient(s).call("GET", "small") == b"v" * 50000
+
+
+def test_kv_default_query_buffer_limit_is_64_mib(backend):
+    """Item 15: without the option a command may hold 64 MiB: four 15 MiB
+    arguments are taken, the length line of a fifth is refused."""
+    arg = b"a" * (15 * MiB)
+    with Example("kv.py", backend) as ex, ex.connect() as s:
+        c = RESPClient(s)
+        s.sendall(b"*6\r\n$3\r\nDEL\r\n")
+        for _ in range(4):
+            s.sendall(b"$%d\r\n" % len(arg))
+            s.sendall(arg)
+            s.sendall(b"\r\n")
+        s.sendall(b"$%d\r\n" % len(arg))
+        r = c.reply()
+        assert is_err(r, "Protocol error") and "query buffer limit" in r[1], r
+        assert c.at_eof()
+
+
+KV_NASTY = [
+    b"*-1\r\n", b"*0\r\n", b"*1\r\n$-1\r\n", b"*1\r\n$0\r\n\r\n", b"$5\r\n", b"\r\n\r\n\r\n",
+    b"\x00\xff\xfe\n", b"*2\r\n$3\r\nGET\r\n$99999999999999999999\r\n", b"*99999999999999999999\r\n",
+    b"*1\r\n$1\r\n", b"*1\r\n$1\r\nx", b"*3\r\n$3\r\nSET\r\n", b"*1\r\n" + b"$" * 70000,
+    resp_command(b"\xff\xfe", b"\xed\xa0\x80"), resp_command("SET", "k", "v", "EX", "9223372036854775807"),
+    resp_command("SET", "k", "v", "PX", "9223372036854775807"), resp_command("SET", "k", "v", "EX"),
+    resp_command("SET", "k", "v", "PX", "-1"), resp_command("SET", "k", "v", "NX", "XX"),
+    resp_command("EXPIRE", "k", "99999999999999999999"), resp_command("EXPIRE", "k", "9223372036854775807"),
+    resp_command("INCR", "k"), resp_command("CONFIG"), resp_command("CONFIG", "SET", "a", "b"),
+    resp_command("CONFIG", "GET"), resp_command("TTL"), resp_command("ECHO"), resp_command("PING", "a", "b"),
+    resp_command("QUIT", "x") + resp_command("PING"), resp_command("DEL"), resp_command("COMMAND", "DOCS"),
+]
+
+
+def test_kv_malformed_input_never_prints_a_traceback(backend):
+    """No input -- listed nasties, then 300 seeded mutations of real commands --
+    makes kv print a traceback (Example.stop checks stderr); each connection
+    ends with the server's close, and the server keeps serving."""
+    rng = random.Random(1415)
+    samples = [resp_command(*c) for c in [("SET", "k", "12"), ("GET", "k"), ("INCR", "k"),
+                                          ("SET", "k", "v", "EX", "10", "NX"), ("EXPIRE", "k", "5"),
+                                          ("DEL", "k", "j"), ("CONFIG", "GET", "save"), ("PING", "x")]]
+    samples += [b"SET k 12\r\n", b"PING\r\n", b"GET k\n"]
+    with Example("kv.py", backend) as ex:
+        for data in KV_NASTY + mutations(rng, samples, 300):
+            exchange_to_eof(ex, data)
+        with ex.connect() as s:
+            c = RESPClient(s)
+            assert c.call("SET", "after", "fuzz") == "OK" and c.call("GET", "after") == b"fuzz"
+
+
+# -- websocket.py -------------------------------------------------------------
+
+def test_ws_empty_continuation_frames_are_capped(backend):
+    """Item 16: a message of empty continuation frames has no size, so --max-size
+    never stops it; the frame count does (default 65536 per message): close 1009."""
+    with Example("websocket.py", backend) as ex:
+        with contextlib.closing(WSClient.open(ex)) as c:
+            empty = ws_frame(OP_CONT, b"", fin=False)
+            c.send(ws_frame(OP_BINARY, b"x", fin=False), empty * 65535, ws_frame(OP_PING, b"at the limit"))
+            assert c.recv_frame() == (True, OP_PONG, b"at the limit")      # 65536 frames: still open
+            c.send(empty)
+            c.expect_close(1009)
+        with contextlib.closing(WSClient.open(ex)) as c:                  # the server is fine
+            c.send(ws_frame(OP_TEXT, b"after"))
+            assert c.recv_message() == (OP_TEXT, b"after")
+
+
+def test_ws_max_fragments_option(backend):
+    """Item 16: --max-fragments N allows N frames in a message, not N + 1."""
+    with Example("websocket.py", backend, "--max-fragments", "100", "--max-size", "1000") as ex, \
+            contextlib.closing(WSClient.open(ex)) as c:
+        c.send(ws_frame(OP_TEXT, b"a", fin=False), *[ws_frame(OP_CONT, b"b", fin=False)] * 98,
+               ws_frame(OP_CONT, b"c"))
+        assert c.recv_message() == (OP_TEXT, b"a" + b"b" * 98 + b"c")
+        c.send(ws_frame(OP_BINARY, b"", fin=False), *[ws_frame(OP_CONT, b"", fin=False)] * 100)
+        c.expect_close(1009)
+
+
+def test_ws_one_byte_fragments_cost_their_bytes_not_an_object_each(backend):
+    """Item 16: 500000 one-byte fragments (3.5 MB on the wire, a 0.5 MB message)
+    must cost about the message, not a Python object per fragment (~120 bytes
+    each: 60 MB)."""
+    n = 500000
+    body = os.urandom(n)
+    frames = bytearray(b"\x00\x81\x00\x00\x00\x00\x00" * n)   # CONT, masked (key 0), 1 byte
+    frames[6::7] = body
+    frames[0] = OP_BINARY                                     # the first frame starts the message
+    frames[7 * (n - 1)] = 0x80 | OP_CONT                      # the last one ends it
+    with Example("websocket.py", backend, "--max-fragments", str(n), "--max-size", str(n)) as ex, \
+            contextlib.closing(WSClient.open(ex)) as c:
+        pid = ex.proc.pid
+        reset_peak_rss(pid)
+        base = proc_status(pid, "VmRSS")
+        c.send(bytes(frames))
+        assert c.recv_message() == (OP_BINARY, body)
+        peak = proc_status(pid, "VmHWM") - base
+    assert peak < 20 * MiB, "a 0.5 MB message in 1-byte fragments cost %d MiB" % (peak >> 20)
+
+
+def test_ws_handshake_deadline_counts_from_the_accept(backend):
+    """Item 17: a client dripping its upgrade request a byte every 0.1 s is never
+    idle for a ping period (0.5 s), but the handshake must be done 1 s after the
+    accept: the server closes while the client is still sending.  A client that
+    finished in time is not bound by it: it outlives the deadline, idle pings
+    and all."""
+    with Example("websocket.py", backend, "--handshake-timeout", "1", "--ping-interval", "0.5") as ex:
+        with contextlib.closing(WSClient.open(ex)) as c:
+            for _ in range(2):                      # the second ping comes ~2 s after the accept
+                fin, op, payload = c.recv_frame()
+                assert op == OP_PING, (op, payload)
+                c.send(ws_frame(OP_PONG, payload))
+            c.send(ws_frame(OP_TEXT, b"still here"))
+            assert c.recv_message() == (OP_TEXT, b"still here")
+        request = upgrade_request(ex.port, base64.b64encode(os.urandom(16)))   # ~170 bytes: 17 s
+        with ex.connect() as s:
+            sent, answer = 0, None
+            deadline = time.monotonic() + WAIT
+            while sent < len(request) and answer is None:
+                assert time.monotonic() < deadline, "the dripping client was never cut off"
+                try:
+                    s.sendall(request[sent:sent + 1])
+                    sent += 1
+                    if select.select([s], [], [], 0.1)[0]:
+                        answer = s.recv(4096)       # the 408, or EOF
+                except (ConnectionResetError, BrokenPipeError):
+                    answer = b""
+            assert answer is not None and sent < len(request), (
+                "the server waited for the whole request (%d bytes): %r" % (sent, answer))
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 408 "), answer
+
+
+def test_ws_malformed_input_never_prints_a_traceback(backend):
+    """No handshake and no frames -- listed nasties, then seeded mutations --
+    make the server print a traceback (Example.stop checks stderr)."""
+    rng = random.Random(1617)
+    key = base64.b64encode(os.urandom(16))
+    hello = upgrade_request(0, key)
+    nasty = [b"GET / HTTP/1.1\r\n\r\n", b"\r\n\r\n", b"GET\r\n\r\n", b"GET / HTTP/2\r\n\r\n",
+             b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\nSec-WebSocket-Version: 13\r\n"
+             b"Sec-WebSocket-Key: \xe9\xe9\xe9\xe9\xe9\xe9\xe9\xe9\xe9\xe9\xe9\xe9\xe9\xe9\xe9\xe9\xe9\xe9\xe9\xe9"
+             b"\xe9\xe9==\r\n\r\n",
+             hello.replace(b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: \xff"),
+             hello.replace(b"\r\n", b"\n"), b"X" * 20000, b"GET / HTTP/1.1\r\n" + b"A: b\r\n" * 4000]
+    frames = [ws_frame(OP_TEXT, b"hi"), ws_frame(OP_BINARY, b"\x00" * 200),
+              ws_frame(OP_TEXT, b"a", fin=False) + ws_frame(OP_CONT, b"b"),
+              ws_frame(8, struct.pack("!H", 1000) + b"bye"), ws_frame(OP_PING, b"p"), ws_frame(OP_PONG, b""),
+              ws_frame(OP_BINARY, b"", length=1 << 63), ws_frame(OP_BINARY, b"", length=(1 << 63) - 1),
+              ws_frame(OP_TEXT, b"x" * 70000), ws_frame(8, b"\x03\xe8\xff"), ws_frame(8, b"\x00")]
+    with Example("websocket.py", backend) as ex:
+        for data in nasty:
+            exchange_to_eof(ex, data)
+        for data in mutations(rng, [hello], 80) + [hello + m for m in mutations(rng, frames, 200)]:
+            exchange_to_eof(ex, data)
+        with contextlib.closing(WSClient.open(ex)) as c:
+            c.send(ws_frame(OP_TEXT, b"after"))
+            assert c.recv_message() == (OP_TEXT, b"after")
+
+
+# -- async_http.py ------------------------------------------------------------
+
+def test_async_http_content_length_of_many_digits_is_400(backend):
+    """Item 18: a Content-Length of thousands of digits must not reach int()
+    (Python's limit on int-from-string digits raises, a traceback per request):
+    more than 18 digits is a 400; 18 digits is a number, just too big (413)."""
+    with Example("async_http.py", backend) as ex:
+        for clen, status in [(b"1" * 5000, 400), (b"0" * 4400 + b"5", 400), (b"9" * 19, 400),
+                             (b"1" * 18, 413)]:
+            with ex.connect() as s:
+                s.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+                          b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: " + clen + b"\r\n\r\n")
+                f = s.makefile("rb")
+                assert read_response(f)[::2] == (200, b"/a")
+                got, headers, _ = read_response(f)
+                assert (got, headers.get("connection")) == (status, "close"), (clen[:20], got)
+                assert f.read() == b""
+                f.close()
+    # Example.stop: exit 0, and no "Traceback" on the server's stderr
+
+
+def test_async_http_malformed_input_never_prints_a_traceback(backend):
+    """No request -- listed nasties, then seeded mutations of real ones -- makes
+    the server print a traceback (Example.stop checks stderr)."""
+    rng = random.Random(18)
+    samples = [b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n",
+               b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+               b"HEAD / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+               b"GET /b HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n"]
+    nasty = [b"GET /\xff\xfe HTTP/1.1\r\nHost: \x80\r\n\r\n", b"\r\n" * 5000, b"GET / HTTP/1.1\r\n\r\n",
+             b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", b"G\x00T / HTTP/1.1\r\nHost: x\r\n\r\n",
+             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1, 2\r\n\r\n",
+             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: \xd9\xa3\r\n\r\n",      # an Arabic-Indic 3
+             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"7" * 5000 + b"\r\n\r\n",
+             b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+             b"GET * HTTP/1.1\r\nHost: x\r\n\r\n", b"GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n"]
+    with Example("async_http.py", backend) as ex:
+        for data in nasty + mutations(rng, samples, 300):
+            exchange_to_eof(ex, data)
+        with ex.connect() as s:
+            s.sendall(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+            f = s.makefile("rb")
+            assert read_response(f)[::2] == (200, b"/after")
+            f.close()

@@ -57,6 +57,7 @@ import goev  # noqa: E402  (imported from the repo root, see the line above)
 MAX_HEAD = 8192             # request line + headers; a larger head is refused (431)
 MAX_BODY = 1 << 20          # Content-Length above this is refused (413)
 MAX_INFLIGHT = 64           # requests of one connection in the pool at once
+MAX_CLEN_DIGITS = 18        # a longer Content-Length is refused (400), never given to int()
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _REASONS = {200: "OK", 400: "Bad Request", 413: "Content Too Large",
@@ -167,7 +168,10 @@ class HttpConn(goev.IOHandle):
                 if b"transfer-encoding" in headers:
                     raise BadRequest(501, "chunked bodies are not supported")
                 clen = headers.get(b"content-length", b"0")
-                if not clen.isdigit():
+                # At most 18 digits: int() of thousands of digits raises
+                # ValueError (sys.set_int_max_str_digits), and no body is
+                # that large anyway.  isdigit() on bytes is ASCII only.
+                if not clen.isdigit() or len(clen) > MAX_CLEN_DIGITS:
                     raise BadRequest(400, "malformed Content-Length")
                 clen = int(clen)
                 if clen > MAX_BODY:
@@ -257,8 +261,9 @@ def main(argv):
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: reactor.stop())
     host, port = acceptor.address[:2]
-    print("async_http: listening on %s:%d (%d poller%s, %d worker threads)" % (
-        host, port, args.pollers, "s" * (args.pollers > 1), args.threads), file=sys.stderr, flush=True)
+    print("async_http: listening on %s:%d (%s, %d poller%s, %d worker threads)" % (
+        host, port, reactor.backend, args.pollers, "s" * (args.pollers > 1), args.threads),
+        file=sys.stderr, flush=True)
     try:
         reactor.run()
     finally:

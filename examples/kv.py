@@ -2,17 +2,28 @@
 
 What it teaches:
 
-  1. An incremental, pipelining protocol parser: one read may hold half a
-     command or a hundred of them.  Every complete command in the buffer is
-     executed, the replies are joined and sent with one write, in order.
-  2. Who owns the data.  The dict lives on ONE poller thread (poller 0) and
+  1. An incremental, pipelining protocol parser that stays linear: one read
+     may hold half a command or a hundred of them, and a command may arrive
+     in a thousand reads; the arguments already complete are kept, so no
+     byte is parsed twice.  A command in progress is capped by
+     --max-query-bytes (Redis: client-query-buffer-limit).
+  2. Backpressure on the replies: ``GET big`` costs 13 bytes to ask and may
+     cost a megabyte to answer.  Commands are run in small batches and
+     answering stops while the connection's send queue is above its high
+     water mark (``pending_write_bytes``); reading stops too, so what the
+     client keeps sending waits in the kernel, and ``on_write_drained``
+     resumes both.  Memory per connection is bounded by the water mark plus
+     one batch of replies, however many GETs are pipelined.
+  3. Who owns the data.  The dict lives on ONE poller thread (poller 0) and
      only that thread touches it, so there are no locks.  With --pollers N,
-     a connection on another poller hands its parsed commands to poller 0
-     with ``reactor.call_later(0, ...)`` (safe from any thread, FIFO for one
-     sender); poller 0 runs them and answers with ``write()``, which goev
-     routes back to the connection's own poller (``async_write``) in order.
-     With the default --pollers 1 everything runs on one thread, directly.
-  3. Expiry on the timer heap: ``SET k v EX 10`` schedules
+     a connection on another poller hands a batch of parsed commands to
+     poller 0 with ``reactor.call_later(0, ...)`` (safe from any thread);
+     poller 0 runs them and hands the replies back with
+     ``reactor.post_to(conn, ...)``, so the connection writes them on its
+     own thread, where its send queue and water marks live.  One batch per
+     connection is away at a time, which keeps the replies in order.  With
+     the default --pollers 1 everything runs on one thread, directly.
+  4. Expiry on the timer heap: ``SET k v EX 10`` schedules
      ``poller.call_later(10, expire, k)`` and keeps the Timer, so a later SET,
      DEL or FLUSHALL cancels it.  Reads also check the deadline ("passive"
      expiry, as Redis does), so a key never outlives its TTL by a loop pass.
@@ -43,6 +54,14 @@ import goev  # noqa: E402
 MAX_BULK = 16 * 1024 * 1024      # largest bulk string (Redis: 512 MB; ours is a small server)
 MAX_ARGS = 1024 * 1024           # largest multibulk count
 MAX_INLINE = 64 * 1024           # longest inline command / header line without a newline
+MAX_QUERY = 64 * 1024 * 1024     # default --max-query-bytes: the memory one command may hold
+ARG_OVERHEAD = 48                # what an argument costs beyond its bytes (a bytes object, a list slot)
+MAX_EXPIRE_S = (2**63 - 1) // 1000   # Redis refuses an EX whose milliseconds overflow 64 bits
+
+WRITE_HIGH = 256 * 1024          # stop answering (and reading) above this many queued reply bytes
+REPLY_CHUNK = 64 * 1024          # replies are joined into writes of about this size
+BATCH = 256                      # commands parsed (and, with --pollers N, sent to poller 0) at once
+READ_AHEAD = 1024 * 1024         # input buffered while a batch is on poller 0, before reading pauses
 
 OK, PONG, NIL = b"+OK\r\n", b"+PONG\r\n", b"$-1\r\n"
 _INT = re.compile(rb"-?(0|[1-9][0-9]*)\Z")     # Redis accepts no "+", spaces or "1_0"
@@ -76,66 +95,109 @@ class ProtocolError(Exception):
     pass
 
 
-def parse_commands(buf):
-    """Remove every complete command from ``buf`` (a bytearray) and return them
-    as lists of bytes.  An incomplete tail stays in ``buf`` for the next read.
-    Raises ProtocolError (after the commands before it were taken) on garbage;
-    the commands parsed so far travel on the exception as ``.commands``."""
-    cmds = []
-    pos, n = 0, len(buf)
-    try:
-        while pos < n:
-            if buf[pos] == 0x2A:                              # "*": a RESP array
-                eol = buf.find(b"\r\n", pos, pos + MAX_INLINE)
-                if eol < 0:
-                    if n - pos >= MAX_INLINE:
-                        raise ProtocolError("too big mbulk count string")
-                    break
-                count = parse_int(bytes(buf[pos + 1:eol]))
+class RequestParser:
+    """An incremental RESP2 request parser: ``feed(data)`` each read, then call
+    ``next()`` until it returns None (it needs more input).  Raises
+    ProtocolError on garbage; the commands before it were already returned.
+
+    Linear in the input, however it is split into reads: the buffer always
+    starts where parsing stopped (consumed bytes are deleted from the front
+    of the bytearray, which CPython does without moving the rest), the
+    arguments already complete of a command in progress are kept in
+    ``args`` and never looked at again, and the search for a line end
+    resumes where the last one gave up.  (The naive way -- re-parse the
+    buffer from the start of the command at every read -- copies a
+    command's finished arguments once per read: quadratic.)
+
+    ``held`` is the memory the command in progress holds: its finished
+    arguments, each counted as its length plus ARG_OVERHEAD.  A bulk length
+    that would take it past ``max_query`` is refused at once, before its
+    bytes are buffered: the input buffer never holds more than the command
+    in progress plus one read."""
+
+    def __init__(self, max_query=MAX_QUERY):
+        self.buf = bytearray()     # unparsed input; buf[0] starts a token
+        self.args = None           # the finished arguments of the array in progress
+        self.count = 0             # ... how many it declared
+        self.bulk = -1             # the length of the bulk string awaited (-1: a "$" line is next)
+        self.held = 0              # bytes held by ``args`` (payload + ARG_OVERHEAD each)
+        self.scanned = 0           # buf[:scanned] holds no line end: a search resumes there
+        self.max_query = max_query
+
+    def feed(self, data):
+        self.buf += data           # copies: ``data`` may be the poller's shared buffer
+
+    def clear(self):
+        """Forget everything (after QUIT or an error: nothing more is parsed)."""
+        self.buf = bytearray()
+        self.args, self.bulk, self.held, self.scanned = None, -1, 0, 0
+
+    def _line(self, sep, what):
+        """The line at the front of buf without ``sep`` (consumed), or None."""
+        buf = self.buf
+        eol = buf.find(sep, self.scanned, MAX_INLINE)
+        if eol < 0:
+            if len(buf) >= MAX_INLINE:
+                raise ProtocolError("too big %s" % what)
+            self.scanned = max(0, len(buf) - len(sep) + 1)   # a "\r" at the end may pair up later
+            return None
+        line = bytes(buf[:eol])
+        del buf[:eol + len(sep)]
+        self.scanned = 0
+        return line
+
+    def next(self):
+        """The next complete command (a list of bytes), or None until more input."""
+        buf = self.buf
+        while True:
+            if self.args is None:                         # between commands
+                if not buf:
+                    return None
+                if buf[0] != 0x2A:                        # not "*": an inline command line
+                    line = self._line(b"\n", "inline request")
+                    if line is None:
+                        return None
+                    args = line.split()                   # whitespace-split (no quoting); drops the "\r"
+                    if args:
+                        return args
+                    continue
+                line = self._line(b"\r\n", "mbulk count string")
+                if line is None:
+                    return None
+                count = parse_int(line[1:])
                 if count is None or count > MAX_ARGS:
                     raise ProtocolError("invalid multibulk length")
-                p, args = eol + 2, []
-                while len(args) < count:
-                    if p >= n:
-                        break
-                    if buf[p] != 0x24:                        # "$"
-                        raise ProtocolError("expected '$', got '%s'" % chr(buf[p]))
-                    eol = buf.find(b"\r\n", p, p + MAX_INLINE)
-                    if eol < 0:
-                        if n - p >= MAX_INLINE:
-                            raise ProtocolError("too big bulk count string")
-                        break
-                    size = parse_int(bytes(buf[p + 1:eol]))
+                if count <= 0:                            # "*0" / "*-1" are no-ops
+                    continue
+                self.args, self.count = [], count
+            args = self.args
+            while len(args) < self.count:
+                size = self.bulk
+                if size < 0:                              # a "$<len>" line comes first
+                    if not buf:
+                        return None
+                    if buf[0] != 0x24:
+                        raise ProtocolError("expected '$', got '%s'" % chr(buf[0]))
+                    line = self._line(b"\r\n", "bulk count string")
+                    if line is None:
+                        return None
+                    size = parse_int(line[1:])
                     if size is None or not 0 <= size <= MAX_BULK:
                         raise ProtocolError("invalid bulk length")
-                    start = eol + 2
-                    if start + size + 2 > n:
-                        break                                 # the payload is not all here
-                    if buf[start + size:start + size + 2] != b"\r\n":
-                        raise ProtocolError("bulk string not terminated by CRLF")
-                    args.append(bytes(buf[start:start + size]))
-                    p = start + size + 2
-                if len(args) < count:
-                    break                                     # wait for the rest
-                pos = p
-                if args:                                      # "*0" / "*-1" are no-ops
-                    cmds.append(args)
-            else:                                             # an inline command line
-                eol = buf.find(b"\n", pos, pos + MAX_INLINE)
-                if eol < 0:
-                    if n - pos >= MAX_INLINE:
-                        raise ProtocolError("too big inline request")
-                    break
-                args = bytes(buf[pos:eol]).split()            # whitespace-split (no quoting); drops the "\r"
-                pos = eol + 1
-                if args:
-                    cmds.append(args)
-    except ProtocolError as e:
-        e.commands = cmds
-        raise
-    finally:
-        del buf[:pos]
-    return cmds
+                    if self.held + size + ARG_OVERHEAD > self.max_query:
+                        raise ProtocolError("query buffer limit of %d bytes exceeded (--max-query-bytes)"
+                                            % self.max_query)
+                    self.bulk = size
+                if len(buf) < size + 2:
+                    return None                           # the payload is not all here
+                if buf[size:size + 2] != b"\r\n":
+                    raise ProtocolError("bulk string not terminated by CRLF")
+                args.append(bytes(buf[:size]))
+                del buf[:size + 2]                        # O(1) at the front of a bytearray
+                self.held += size + ARG_OVERHEAD
+                self.bulk = -1
+            self.args, self.held = None, 0
+            return args
 
 
 # =============================================================================
@@ -206,7 +268,7 @@ def cmd_set(db, args):
             n = parse_int(args[3 + i])
             if n is None:
                 return error("value is not an integer or out of range")
-            if n <= 0:
+            if n <= 0 or o == b"EX" and n > MAX_EXPIRE_S:
                 return error("invalid expire time in 'set' command")
             ttl = n if o == b"EX" else n / 1000.0
         else:
@@ -248,6 +310,8 @@ def cmd_expire(db, args):
     key, secs = args[1], parse_int(args[2])
     if secs is None:
         return error("value is not an integer or out of range")
+    if secs > MAX_EXPIRE_S:
+        return error("invalid expire time in 'expire' command")
     value = db.get(key)
     if value is None:
         return integer(0)
@@ -329,16 +393,35 @@ def execute(db, args):
     return fn(db, args)
 
 
+def run_batch(db, cmds):
+    """Run commands on the data's thread until about REPLY_CHUNK bytes of
+    replies are made: -> (the replies joined, the commands not run yet)."""
+    out, size = [], 0
+    for i, args in enumerate(cmds):
+        reply = execute(db, args)
+        out.append(reply)
+        size += len(reply)
+        if size >= REPLY_CHUNK:
+            return b"".join(out), cmds[i + 1:]
+    return b"".join(out), []
+
+
 # =============================================================================
 # The connection handler
 # =============================================================================
 
 class Client(goev.IOHandle):
     db = None                  # the Store, set by main() (it lives on poller 0)
+    max_query = MAX_QUERY      # --max-query-bytes
 
     def on_open(self):
-        self.buf = bytearray()
-        self.done = False      # after QUIT or a protocol error: ignore further input
+        self.parser = RequestParser(self.max_query)
+        self.todo = []         # parsed commands not run yet
+        self.last = None       # QUIT's +OK or a protocol error: sent after ``todo``, then close
+        self.away = False      # a batch is on poller 0's thread (--pollers > 1)
+        self.reading = True    # EV_IN wanted (False while the client is behind on replies)
+        self.eof = False       # the client sent FIN: answer what it sent, then close
+        self.set_write_buffer_limits(WRITE_HIGH)
         self.reactor.add_handler(self, self.fd, goev.EV_IN)
         return True
 
@@ -347,50 +430,106 @@ class Client(goev.IOHandle):
         if data is None:
             return True
         if not data:
-            return False
-        if self.done:
-            return True
-        self.buf += data                    # copy out of the poller's shared buffer
-        err = None
-        try:
-            cmds = parse_commands(self.buf)
-        except ProtocolError as e:
-            cmds, err = e.commands, error("Protocol error: %s" % e)
-        if not cmds and err is None:
-            return True                     # half a command: wait for more
-        if self.poller is self.db.poller:
-            return self.run_batch(cmds, err)
-        # The data belongs to another thread: send it the work, in order.
-        # Stop reading new commands if this batch ends the connection.
-        self.done = err is not None or any(c[0].upper() == b"QUIT" for c in cmds)
-        self.reactor.call_later(0, self.run_batch, cmds, err)
+            self.eof = True
+        elif self.last is not None:
+            return True                     # after QUIT or a protocol error: ignore the rest
+        else:
+            self.parser.feed(data)
+            if self.away:                   # poller 0 has our batch: just buffer, up to a point
+                if len(self.parser.buf) > READ_AHEAD:
+                    self.pause()
+                return True
+        self.pump()
         return True
 
-    def run_batch(self, cmds, err):
-        """Execute a pipeline on the data's thread; one write for all replies.
-        Returns False (close after the flush) after QUIT or a protocol error."""
-        db = self.db
-        out = []
-        close = err is not None
-        for args in cmds:
-            if args[0].upper() == b"QUIT":
-                out.append(OK)
-                close, err = True, None     # nothing after QUIT is answered
+    def on_write_drained(self):
+        self.pump()                         # the client caught up: answer (and read) again
+
+    def pump(self):
+        """Run what the client sent, while it keeps up with the replies.  The one
+        place that decides: answer more, wait for the send queue to drain
+        (reading paused too), wait for input, or close."""
+        while not self.away and not self.closed:
+            if self.pending_write_bytes > WRITE_HIGH:
+                self.pause()                # on_write_drained calls pump again
+                return
+            if not self.todo and self.last is None:
+                self.todo = self.take_commands()
+            if not self.todo:
+                if self.last is not None:
+                    self.write(self.last)   # nothing after QUIT or an error is answered
+                    self.close()            # flushes first
+                elif self.eof:
+                    self.close()
+                else:
+                    self.resume()           # everything is answered: read more
+                return
+            cmds, self.todo = self.todo, []
+            if self.poller is self.db.poller:
+                replies, self.todo = run_batch(self.db, cmds)
+                self.write(replies)
+            else:
+                # The data belongs to poller 0: send it the batch; came_back
+                # continues here.  One batch away at a time keeps the order.
+                self.away = True
+                self.reactor.call_later(0, self.run_on_data_thread, cmds)
+
+    def take_commands(self):
+        """Up to BATCH parsed commands; stops at QUIT or a protocol error (self.last)."""
+        cmds, parser = [], self.parser
+        while len(cmds) < BATCH:
+            try:
+                args = parser.next()
+            except ProtocolError as e:
+                self.last = error("Protocol error: %s" % e)
                 break
-            out.append(execute(db, args))
-        if err is not None:
-            out.append(err)
-        self.write(b"".join(out))           # off-thread this becomes async_write: still in order
-        if close:
-            self.close()                    # flushes first; off-thread it is queued after the write
-        return not close
+            if args is None:
+                break
+            if args[0].upper() == b"QUIT":
+                self.last = OK
+                break
+            cmds.append(args)
+        if self.last is not None:
+            parser.clear()                  # what follows is never parsed: free it now
+        return cmds
+
+    def run_on_data_thread(self, cmds):
+        """Poller 0: run the batch (up to REPLY_CHUNK of replies), send the
+        replies and the rest back to the connection's own poller."""
+        replies, rest = run_batch(self.db, cmds)
+        self.reactor.post_to(self, self.came_back, replies, rest)
+
+    def came_back(self, replies, rest):
+        self.away = False
+        if self.closed:
+            return                          # the client went away meanwhile
+        self.write(replies)
+        self.todo = rest
+        self.pump()
+
+    def pause(self):
+        if self.reading:
+            self.reading = False
+            self.reactor.remove_event(self.fd, goev.EV_IN)
+
+    def resume(self):
+        if not self.reading:
+            self.reading = True
+            self.reactor.append_event(self.fd, goev.EV_IN)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="a Redis-compatible key/value server on goev")
     parser.add_argument("addr", metavar="ADDR", help='e.g. "127.0.0.1:6380" or ":6380"')
     parser.add_argument("--pollers", type=int, default=1, metavar="N", help="poller threads (default 1)")
+    parser.add_argument("--max-query-bytes", type=int, default=MAX_QUERY, metavar="BYTES",
+                        help="the most one command may hold, each argument counted as its length + %d; "
+                             "more gets a protocol error and a close (default %d MiB)"
+                        % (ARG_OVERHEAD, MAX_QUERY >> 20))
     args = parser.parse_args(argv)
+    if args.pollers < 1 or args.max_query_bytes < 1:
+        parser.error("--pollers and --max-query-bytes must be positive")
+    Client.max_query = args.max_query_bytes
     reactor = goev.Reactor(args.pollers)
     Client.db = Store(reactor.pollers[0])   # the data lives on poller 0, as does call_later(0)
     try:

@@ -13,11 +13,18 @@ on the same socket, parsed incrementally in ``on_read``.
      Frames arrive split across reads or many per read, so the parser works
      on a buffer and consumes only complete frames.
   3. Fragmentation, control frames (ping/pong/close) interleaved with a
-     fragmented message, UTF-8 validation of text, a size limit, and the
-     close handshake -- each failure answered with the status code the RFC
-     names (1002 protocol error, 1007 bad UTF-8, 1009 too big).
-  4. Timers: ``schedule_timer`` pings an idle client, drops one that never
-     answers, and bounds how long a closing connection may linger.
+     fragmented message, UTF-8 validation of text, limits, and the close
+     handshake -- each failure answered with the status code the RFC names
+     (1002 protocol error, 1007 bad UTF-8, 1009 too big).  A fragmented
+     message is gathered in one bytearray, so its memory is its size
+     (--max-size), not a Python object per fragment, and --max-fragments
+     bounds the frames of one message: a stream of empty continuation
+     frames is refused, not collected forever.
+  4. Timers: the opening handshake must finish within --handshake-timeout
+     of the accept (a client sending one byte a second is not "active", it
+     is holding a connection); afterwards ``schedule_timer`` pings an idle
+     client, drops one that never answers, and bounds how long a closing
+     connection may linger.
 
 Try it (the client comes with ``pip install websockets``)::
 
@@ -26,7 +33,9 @@ Try it (the client comes with ``pip install websockets``)::
     curl http://127.0.0.1:8080/                   # a plain GET gets a demo page
 
 Options: ``--pollers N`` (threads), ``--ping-interval S`` (idle ping period,
-seconds), ``--max-size BYTES`` (largest message accepted).
+seconds), ``--max-size BYTES`` (largest message accepted), ``--max-fragments N``
+(most frames in one message), ``--handshake-timeout S`` (the opening handshake's
+deadline, from the accept).
 """
 
 import argparse
@@ -37,6 +46,7 @@ import os
 import signal
 import struct
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import goev  # noqa: E402
@@ -104,15 +114,18 @@ class ProtocolError(Exception):
 class WebSocket(goev.IOHandle):
     # Class attributes, set from the command line by main().
     ping_interval_ms = 30000
+    handshake_timeout_ms = 10000
     max_size = 16 * 1024 * 1024
+    max_fragments = 65536
 
     def on_open(self):
         self.state = HANDSHAKE
+        self.accepted = time.monotonic()   # the handshake's deadline counts from here
         self.buf = bytearray()     # bytes received and not yet parsed
         self.msg_op = None         # opcode of the fragmented message in progress
-        self.parts = []            # ... its payloads so far
-        self.size = 0              # ... and their total size
-        self.utf8 = None           # incremental UTF-8 decoder of a text message
+        self.msg = None            # ... its payload so far (one bytearray: no per-fragment objects)
+        self.frags = 0             # ... and how many frames it took
+        self.utf8 = None           # incremental UTF-8 decoder of a fragmented text message
         self.heard = True          # bytes arrived since the last timer tick
         self.pinged = False        # our idle ping is unanswered
         self.reactor.add_handler(self, self.fd, goev.EV_IN)
@@ -122,8 +135,12 @@ class WebSocket(goev.IOHandle):
         return True
 
     def start_timer(self):
-        if not self.closed:
-            self.schedule_timer(self.ping_interval_ms, self.ping_interval_ms)
+        """The handshake's deadline (the ping timer replaces it once the
+        handshake is done -- which may already have happened: on_read can
+        run before this posted call)."""
+        if not self.closed and self.state == HANDSHAKE:
+            elapsed_ms = (time.monotonic() - self.accepted) * 1000.0
+            self.schedule_timer(max(0.0, self.handshake_timeout_ms - elapsed_ms))
 
     # -- reading ------------------------------------------------------------
 
@@ -199,6 +216,7 @@ class WebSocket(goev.IOHandle):
         self.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                    b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
         self.state = OPEN
+        self.schedule_timer(self.ping_interval_ms, self.ping_interval_ms)   # replaces the deadline
         return True
 
     def parse_frames(self):
@@ -237,8 +255,14 @@ class WebSocket(goev.IOHandle):
                 length, pos = struct.unpack_from("!Q", buf, 2)[0], 10
                 if length >> 63:
                     raise ProtocolError(1002, "64-bit length with the top bit set")
-            if opcode < 0x8 and self.size + length > self.max_size:
-                raise ProtocolError(1009, "message larger than %d bytes" % self.max_size)
+            if opcode < 0x8:
+                # The limits, on what the message would hold with this frame:
+                # its bytes, and its frames (an empty frame costs a loop pass).
+                have = len(self.msg) if opcode == OP_CONT and self.msg is not None else 0
+                if have + length > self.max_size:
+                    raise ProtocolError(1009, "message larger than %d bytes" % self.max_size)
+                if opcode == OP_CONT and self.frags >= self.max_fragments:
+                    raise ProtocolError(1009, "message in more than %d frames" % self.max_fragments)
             end = pos + 4 + length
             if len(buf) < end:
                 return                              # wait for the rest of the frame
@@ -250,32 +274,41 @@ class WebSocket(goev.IOHandle):
                 self.on_data(opcode, bool(fin), payload)
 
     def on_data(self, opcode, fin, payload):
-        """Reassemble fragments: TEXT/BINARY starts a message, CONT extends it."""
+        """Reassemble fragments: TEXT/BINARY starts a message, CONT extends it.
+        Text is validated as it comes, so bad text fails at the first bad
+        fragment (Python's decoder rejects overlongs and surrogates, as 8.1
+        wants)."""
         if opcode == OP_CONT:
             if self.msg_op is None:
                 raise ProtocolError(1002, "continuation frame without a message")
-        else:
-            if self.msg_op is not None:
-                raise ProtocolError(1002, "new message before the last one finished")
-            self.msg_op = opcode
+        elif self.msg_op is not None:
+            raise ProtocolError(1002, "new message before the last one finished")
+        elif fin:                                   # the usual case: a message in one frame
+            if opcode == OP_TEXT:
+                try:
+                    payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ProtocolError(1007, "text message is not valid UTF-8") from None
+            self.on_message(opcode, payload)
+            return
+        else:                                       # the first fragment
+            self.msg_op, self.msg, self.frags = opcode, bytearray(), 0
             self.utf8 = codecs.getincrementaldecoder("utf-8")() if opcode == OP_TEXT else None
         if self.utf8 is not None:
-            # Validate as we go, so bad text fails at the first bad fragment.
-            # Python's decoder rejects overlongs and surrogates, as 8.1 wants.
             try:
                 self.utf8.decode(payload, fin)
             except UnicodeDecodeError:
                 raise ProtocolError(1007, "text message is not valid UTF-8") from None
-        self.parts.append(payload)
-        self.size += len(payload)
+        self.msg += payload                         # checked against max_size in parse_frames
+        self.frags += 1
         if fin:
-            message = b"".join(self.parts)
-            opcode = self.msg_op
-            self.msg_op, self.parts, self.size, self.utf8 = None, [], 0, None
+            opcode, message = self.msg_op, self.msg
+            self.msg_op, self.msg, self.frags, self.utf8 = None, None, 0, None
             self.on_message(opcode, message)
 
     def on_message(self, opcode, message):
-        """A whole message: echo it with the same type (text stays text)."""
+        """A whole message (bytes, or a bytearray if it came in fragments):
+        echo it with the same type (text stays text)."""
         self.write(encode_frame(opcode, message))
 
     def on_control(self, opcode, payload):
@@ -313,6 +346,7 @@ class WebSocket(goev.IOHandle):
         self.write(encode_frame(OP_CLOSE, payload))
         self.state = CLOSING
         self.buf.clear()
+        self.msg_op = self.msg = self.utf8 = None   # a message in progress is dropped
         self.shutdown_write()
         self.schedule_timer(CLOSE_LINGER_MS)   # replaces the ping timer
 
@@ -320,17 +354,17 @@ class WebSocket(goev.IOHandle):
         if self.state == CLOSING:      # the client never closed its side
             self.abort()
             return False
+        if self.state == HANDSHAKE:    # the deadline passed: bytes dripping in do not extend it
+            self.write(http_response("408 Request Timeout", b"handshake timeout\n"))
+            self.close()
+            return False
         if self.heard:                 # traffic since the last tick: all is well
             self.heard = False
             return True
-        if self.state == HANDSHAKE or self.pinged:
-            # Silent for a whole period after our ping (or before finishing
-            # the handshake): the peer is gone or stuck.
-            if self.state == OPEN:
-                self.send_close(1011, "keepalive ping timeout")
-                return True            # send_close scheduled the linger timer
-            self.abort()
-            return False
+        if self.pinged:
+            # Silent for a whole period after our ping: the peer is gone or stuck.
+            self.send_close(1011, "keepalive ping timeout")
+            return True                # send_close scheduled the linger timer
         self.write(encode_frame(OP_PING, b"goev-idle"))
         self.pinged = True
         return True
@@ -344,11 +378,20 @@ def main(argv=None):
                         help="ping a client idle this many seconds (default 30)")
     parser.add_argument("--max-size", type=int, default=16 * 1024 * 1024, metavar="BYTES",
                         help="largest message accepted; bigger ones get close 1009 (default 16 MiB)")
+    parser.add_argument("--max-fragments", type=int, default=65536, metavar="N",
+                        help="most frames in one message; more get close 1009 (default 65536)")
+    parser.add_argument("--handshake-timeout", type=float, default=10.0, metavar="S",
+                        help="the opening handshake must be done this many seconds after the "
+                             "accept (default 10)")
     args = parser.parse_args(argv)
-    if args.ping_interval <= 0 or args.max_size < 1:
-        parser.error("--ping-interval and --max-size must be positive")
+    if (not args.ping_interval > 0 or args.max_size < 1 or args.max_fragments < 1
+            or not args.handshake_timeout > 0):          # (not x > 0 also refuses "nan")
+        parser.error("--ping-interval, --max-size, --max-fragments and --handshake-timeout "
+                     "must be positive")
     WebSocket.ping_interval_ms = args.ping_interval * 1000
+    WebSocket.handshake_timeout_ms = args.handshake_timeout * 1000
     WebSocket.max_size = args.max_size
+    WebSocket.max_fragments = args.max_fragments
     reactor = goev.Reactor(args.pollers)
     try:
         acceptor = goev.Acceptor(reactor, args.addr, WebSocket)
