@@ -98,11 +98,10 @@ try:
 except ImportError:               # pragma: no cover - a Python built without OpenSSL
     _ssllib = None                # type: ignore[assignment]
 
-__all__ = [
+__all__ = [                       # Part I's names; Part II adds its own
     "EV_IN", "EV_OUT", "EV_ET",
     "Reactor", "IOHandle", "Timer",
-    "Acceptor", "Connector", "ConnectPool",
-    "serve", "parse_address",
+    "Acceptor", "Connector", "parse_address",
 ]
 __version__ = "0.1.0"
 
@@ -144,12 +143,20 @@ _DRAIN_POLL = 0.01              # seconds between a shutdown's checks that a pol
 _CANCEL_LOG_TRIM = 4096         # counted cancels kept before the log is trimmed (see _timeout)
 _COMPACT_MIN = 64               # lazily cancelled timers tolerated before compaction is considered
 _TLS_HANDSHAKE_TIMEOUT = 10.0   # seconds for a TLS handshake (asyncio: 60, generous to slowloris)
+_PROXY_TIMEOUT = 5.0            # seconds a new connection may take to send its PROXY header
 
 # accept() errors that mean "out of a resource, try again later".  Linux keeps
 # reporting the listener readable, so retrying at once would spin: pause instead.
 _ACCEPT_TRANSIENT = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 # accept() errors about one aborted connection: skip it, keep accepting.
-_ACCEPT_SKIP = frozenset((errno.ECONNABORTED, errno.EPERM, errno.EPROTO))
+# accept() errors about one connection that is gone (accept(2): "treat them
+# like EAGAIN by retrying"): skip it, keep accepting.  ENONET is Linux-only.
+_ACCEPT_SKIP = frozenset(getattr(errno, n) for n in (
+    "ECONNABORTED", "EPERM", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET",
+    "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH") if hasattr(errno, n))
+# accept() errors that mean the listening socket itself is unusable: close it.
+_ACCEPT_FATAL = frozenset((errno.EBADF, errno.EINVAL, errno.ENOTSOCK))
+_INT_MAX = 2 ** 31 - 1          # a C int: the kernel's limit for backlog and buffer sizes
 
 
 # =============================================================================
@@ -195,6 +202,15 @@ def _locks_held() -> int:
 
 
 _DROP_LOCK = _Lock()            # counts async writes dropped after a poller stopped (rare path)
+
+
+def _check_port(port: Any, addr: Any) -> int:
+    if not isinstance(port, int) or isinstance(port, bool):
+        raise TypeError("port must be an int, got %r in %r" % (port, addr))
+    if not 0 <= port <= 65535:
+        raise ValueError("port %d out of range 0..65535 in %r" % (port, addr))
+    return port
+
 
 
 def parse_address(addr: Union[str, tuple], *, resolve: bool = True) -> tuple:
@@ -263,14 +279,6 @@ def _host_of(addr: Union[str, tuple]) -> str:
     """The host part of a TCP address as written (no brackets): the TLS server name."""
     host = addr[0] if isinstance(addr, tuple) else addr.rpartition(":")[0]
     return host[1:-1] if host.startswith("[") and host.endswith("]") else host
-
-
-def _check_port(port: Any, addr: Any) -> int:
-    if not isinstance(port, int) or isinstance(port, bool):
-        raise TypeError("port must be an int, got %r in %r" % (port, addr))
-    if not 0 <= port <= 65535:
-        raise ValueError("port %d out of range 0..65535 in %r" % (port, addr))
-    return port
 
 
 def _check_int(name: str, value: Any, minimum: int, maximum: Optional[int] = None) -> int:
@@ -653,7 +661,7 @@ class IOHandle:
     """
     __slots__ = ("fd", "reactor", "poller", "_peer", "error", "_sock", "_wq", "_wq_bytes",
                  "_user", "_mask", "_state", "_eof", "_paused", "_shut_wr", "_timer",
-                 "_high", "_low", "dropped_bytes", "_owner", "__weakref__")
+                 "_high", "_low", "dropped_bytes", "_watcher", "__weakref__")
 
     _plain_update = True      # _update not overridden (TLS does): _add may skip it
 
@@ -661,7 +669,7 @@ class IOHandle:
         self = object.__new__(cls)
         self.fd = -1
         self.reactor = self.poller = self._peer = self.error = None
-        self._sock = self._wq = self._timer = self._owner = None
+        self._sock = self._wq = self._timer = self._watcher = None
         self._wq_bytes = self._user = self._mask = self.dropped_bytes = 0
         self._state = _OPEN
         self._eof = self._paused = self._shut_wr = False
@@ -994,8 +1002,8 @@ class IOHandle:
         finally:                           # also on KeyboardInterrupt: the fd is closed
             if self._sock is not None or self._wq:
                 self.destroy()             # (on_close did not)
-        if self._owner is not None:
-            self._owner._handler_event(self, "closed")
+        if self._watcher is not None:
+            self._watcher._handler_closed(self)
 
     def destroy(self) -> None:
         """Release the socket and the send queue (the default ``on_close``); idempotent.
@@ -1023,6 +1031,10 @@ class IOHandle:
         """The reactor is stopping and closes this handler (hook: a connect in
         progress reports ConnectionAbortedError instead)."""
         self._close_now()
+
+    def _reset_transport(self) -> None:
+        """Before a new connect: forget what a previous connection layered on
+        this handler (hook: a TLS handler becomes its plain class again)."""
 
     def _wind_down(self) -> None:
         """Reactor.shutdown() drains this handler: close after the flush (hook: a
@@ -2296,17 +2308,17 @@ class Reactor:
 # spinning on a listener that stays readable.  The two helpers first are the
 # two outcomes of every accept or connect (sections 10 and 11 use them too).
 
-def _connect_failed(h: IOHandle, err: OSError) -> None:
-    """The other outcome of a connect (or of a client's TLS handshake): the
-    handler gets ``on_connect_fail(err)``, once, and never an fd."""
-    h.fd = -1
-    h.error = err
+def _new_handler(factory: Callable[[], IOHandle], who: Any) -> Optional[IOHandle]:
+    """Call a handler factory; None (logged, naming ``who``) if it raises or
+    returns something that is not an IOHandle."""
     try:
-        h.on_connect_fail(err)
+        h = factory()
+        if not isinstance(h, IOHandle):
+            raise TypeError("factory returned %r, not an IOHandle" % (h,))
+        return h
     except Exception:
-        _log.exception("exception in on_connect_fail of %s", _safe_repr(h))
-    if h._owner is not None:
-        h._owner._handler_event(h, "failed")
+        _log.exception("%s: handler factory failed", _safe_repr(who))
+        return None
 
 
 def _open_handler(h: IOHandle) -> None:
@@ -2321,8 +2333,39 @@ def _open_handler(h: IOHandle) -> None:
             h._close_now()
         else:
             h.close()
-    elif ok and h._owner is not None:
-        h._owner._handler_event(h, "opened")
+    elif ok and h._watcher is not None:
+        h._watcher._handler_opened(h)
+
+
+def _connect_failed(h: IOHandle, err: BaseException) -> None:
+    """The other outcome of a connect (or of a client's TLS handshake): the
+    handler gets ``on_connect_fail(err)``, once, and never an fd."""
+    h.fd = -1
+    h.error = err.with_traceback(None)
+    try:
+        h.on_connect_fail(h.error)
+    except Exception:
+        _log.exception("exception in on_connect_fail of %s", _safe_repr(h))
+    if h._watcher is not None:
+        h._watcher._handler_failed(h, err)
+
+
+def _open_connected(h: IOHandle, sock: Any, peer: Any, prepare: Optional[Callable] = None) -> None:
+    """The good outcome of a connect (after its connect stage, if any): ``h``
+    takes ``sock`` and its on_open runs.  ``prepare(h)`` first, if given (a
+    TLS handler's class swap); if that raises, the connect fails instead."""
+    if prepare is not None:
+        try:
+            prepare(h)
+        except Exception as e:
+            _log.exception("%s: cannot take the connection", _safe_repr(h))
+            sock.close()
+            _connect_failed(h, ConnectionAbortedError(errno.ECONNABORTED, str(e)))
+            return
+    h._sock = sock
+    h.fd = sock.fileno()
+    h.peer = peer
+    _open_handler(h)
 
 
 def _unix_path_free(path: str) -> None:
@@ -2390,154 +2433,6 @@ def _adopt_listener(fd: Any) -> socket.socket:
     return sock
 
 
-# -- PROXY protocol (HAProxy's v1 text and v2 binary headers) ----------------------
-# Behind a TCP load balancer every connection comes from the balancer; with the
-# PROXY protocol the balancer starts each connection with a header naming the
-# real client.  Acceptor(proxy_protocol=True) hands each accepted socket to an
-# internal _ProxyHeader first (the pattern of the Connector's _Connecting): it
-# reads the header, then leaves the poller without closing the socket, builds
-# the user's handler with ``peer`` = the client and calls its on_open.  The
-# balancer stays available as ``sock_peer`` (getpeername(): no slot added to
-# every IOHandle for it).  It never reads a byte past the header: it peeks
-# (MSG_PEEK) to find where the header ends and consumes exactly that, so bytes
-# that followed the header in the same segment stay in the kernel for the
-# user's first read() -- no leftover buffer to hand over, no branch on the hot
-# read path.  While the header is incomplete every byte there is header, so it
-# is consumed (kept in _buf): the fd then stops being readable and a
-# level-triggered poll cannot spin on peeked bytes.  A malformed, oversized or
-# missing header, end of stream before it, or no header within
-# ``proxy_header_timeout``: the connection is closed with a DEBUG log line, and
-# no user code (not even the factory) runs for it.
-
-_PROXY_V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
-_PROXY_V1_MAX = 107             # the longest v1 line the spec allows, CRLF included
-_PROXY_V2_MAX = 16 + 2048       # v2 header + addresses + TLVs accepted (the spec asks for >= 232)
-_PROXY_TIMEOUT = 5.0            # seconds a new connection may take to send its header
-
-
-class _ProxyError(ValueError):
-    """A PROXY header that cannot be accepted (internal: logged at DEBUG, connection closed)."""
-
-
-def _proxy_parse(data: bytes) -> Optional[tuple]:
-    """Parse the PROXY header at the start of ``data``: None if more bytes are
-    needed, else ``(header length, version, client address)``; the address is
-    None for "use the socket's own peer" (v2 LOCAL -- the balancer's health
-    checks --, UNSPEC, v1 UNKNOWN).  Raises _ProxyError for anything else."""
-    n = len(data)
-    if data[0] == 0x0D:                                        # v2: binary
-        if not _PROXY_V2_SIG.startswith(data[:12]):
-            raise _ProxyError("bad PROXY v2 signature")
-        if n < 16:
-            return None
-        ver, cmd, af = data[12] >> 4, data[12] & 0xF, data[13] >> 4
-        total = 16 + int.from_bytes(data[14:16], "big")
-        if ver != 2 or cmd > 1:
-            raise _ProxyError("unsupported PROXY v2 version %d / command %d" % (ver, cmd))
-        if total > _PROXY_V2_MAX:
-            raise _ProxyError("PROXY v2 header of %d bytes (limit %d)" % (total, _PROXY_V2_MAX))
-        if n < total:
-            return None
-        if cmd == 0 or af == 0:                                # LOCAL, or UNSPEC: the real peer
-            return total, 2, None
-        body = data[16:total]                                  # addresses, then TLVs (skipped)
-        need = {1: 12, 2: 36, 3: 216}.get(af)
-        if need is None or len(body) < need:
-            raise _ProxyError("PROXY v2 address family %d with %d address bytes" % (af, len(body)))
-        if af == 1:
-            return total, 2, (socket.inet_ntop(socket.AF_INET, body[:4]), int.from_bytes(body[8:10], "big"))
-        if af == 2:
-            return total, 2, (socket.inet_ntop(socket.AF_INET6, body[:16]),
-                              int.from_bytes(body[32:34], "big"), 0, 0)
-        raw = body[:108]                                       # AF_UNIX: as accept() reports it
-        return total, 2, (raw.rstrip(b"\0") if raw[:1] == b"\0" else os.fsdecode(raw.split(b"\0", 1)[0]))
-    if not b"PROXY ".startswith(data[:6]):                     # v1: one text line
-        raise _ProxyError("no PROXY header (starts with %r)" % bytes(data[:16]))
-    end = data.find(b"\r\n", 0, _PROXY_V1_MAX)
-    if end < 0:
-        if n >= _PROXY_V1_MAX:
-            raise _ProxyError("PROXY v1 header longer than %d bytes" % _PROXY_V1_MAX)
-        return None
-    parts = bytes(data[:end]).split(b" ")
-    if len(parts) >= 2 and parts[1] == b"UNKNOWN":
-        return end + 2, 1, None
-    if len(parts) != 6 or parts[1] not in (b"TCP4", b"TCP6"):
-        raise _ProxyError("malformed PROXY v1 header %r" % bytes(data[:end]))
-    family = socket.AF_INET if parts[1] == b"TCP4" else socket.AF_INET6
-    try:
-        src = socket.inet_ntop(family, socket.inet_pton(family, parts[2].decode("ascii")))
-        socket.inet_pton(family, parts[3].decode("ascii"))
-        ports = [int(p) for p in parts[4:] if p.isdigit() and len(p) <= 5]
-    except (OSError, ValueError):
-        ports = ()
-    if len(ports) != 2 or max(ports) > 65535:
-        raise _ProxyError("malformed PROXY v1 header %r" % bytes(data[:end]))
-    return end + 2, 1, ((src, ports[0]) if family == socket.AF_INET else (src, ports[0], 0, 0))
-
-
-class _ProxyHeader(IOHandle):
-    """Reads one PROXY header on the acceptor's poller, then hands the socket over."""
-    __slots__ = ("acceptor", "_buf")
-
-    def on_read(self) -> bool:
-        sock, buf = self._sock, self._buf
-        try:
-            peek = sock.recv(_PROXY_V2_MAX - len(buf), socket.MSG_PEEK)
-        except BlockingIOError:
-            return True
-        except OSError as e:
-            return self._reject("read failed (%s)" % e)
-        if not peek:
-            return self._reject("end of stream before the PROXY header")
-        data = buf + peek
-        try:
-            got = _proxy_parse(data)
-        except _ProxyError as e:
-            return self._reject(str(e))
-        take = len(peek) if got is None else got[0] - len(buf)
-        try:
-            if len(sock.recv(take)) != take:   # the peeked bytes: cannot come short
-                return self._reject("short read")
-        except OSError as e:
-            return self._reject("read failed (%s)" % e)
-        if got is None:
-            self._buf = data
-            return True
-        return self._hand_over(got[1], got[2])
-
-    def on_timeout(self, now_ms: int) -> bool:
-        self._reject("no PROXY header within %gs" % self.acceptor._proxy_timeout)
-        self.close()
-        return False
-
-    def _reject(self, why: str) -> bool:
-        _log.debug("%s: %s; connection closed", _safe_repr(self), why)
-        return False                            # the loop closes us: on_close = destroy
-
-    def _hand_over(self, version: int, client: Any) -> bool:
-        a = self.acceptor
-        try:
-            h = a.factory()
-            if not isinstance(h, IOHandle):
-                raise TypeError("factory returned %r, not an IOHandle" % (h,))
-        except Exception:
-            _log.exception("%s: handler factory failed", _safe_repr(a))
-            return False
-        p = self.poller
-        h._sock = self._detach()
-        h.fd = self.fd
-        h.peer = self.peer if client is None else client
-        h.reactor = a.conn_reactor
-        if p._observer is not None:
-            p._observer.say("fd %d: PROXY v%d header: client %r via %r" % (h.fd, version, h.peer, self.peer))
-        if a._tls is not None:                  # the header came first; now the TLS handshake
-            sock, h._sock, h.fd = h._sock, None, -1
-            _TLSHandshake.launch(h, sock, a._tls, True, None, a._tls_timeout, h.peer)
-            return True
-        _open_handler(h)
-        return True
-
-
 class Acceptor(IOHandle):
     """Listen on ``addr`` and hand each connection to ``factory()``'s handler.
 
@@ -2568,7 +2463,7 @@ class Acceptor(IOHandle):
     when the address cannot be bound.  ``close()`` stops listening (any thread).
     """
     __slots__ = ("factory", "conn_reactor", "backlog", "_family", "_unix_path", "_retry",
-                 "_tls", "_tls_timeout", "proxy_protocol", "_proxy_timeout", "_nodelay")
+                 "_stages", "proxy_protocol", "_nodelay", "_episode")
 
     def __init__(self, reactor: Reactor, addr: Union[str, tuple, None], factory: Callable[[], IOHandle], *,
                  conn_reactor: Optional[Reactor] = None, backlog: int = 512, reuse_addr: bool = True,
@@ -2582,13 +2477,14 @@ class Acceptor(IOHandle):
             raise TypeError("conn_reactor must be a Reactor, got %r" % (conn_reactor,))
         if not callable(factory):
             raise TypeError("factory must be callable, got %r" % (factory,))
-        _check_int("backlog", backlog, 1)
-        _check_int("rcvbuf", rcvbuf, 0)
-        self._tls = ssl
+        _check_int("backlog", backlog, 1, _INT_MAX)
+        _check_int("rcvbuf", rcvbuf, 0, _INT_MAX)
+        # The accept pipeline (section 7's hooks): the PROXY header first, then TLS.
+        self._stages: list = []
+        if proxy_protocol:
+            self._stages.append(_extra("proxy")(proxy_header_timeout))
         if ssl is not None:
-            self._tls_timeout = _check_tls(ssl, True, None, ssl_handshake_timeout)
-        if not _check_delay("proxy_header_timeout", proxy_header_timeout) > 0:
-            raise ValueError("proxy_header_timeout must be > 0 seconds, got %r" % (proxy_header_timeout,))
+            self._stages.append(_extra("tls_server")(ssl, ssl_handshake_timeout))
         if fd is not None:
             if addr is not None:
                 raise ValueError("give addr or fd, not both (addr=%r, fd=%r)" % (addr, fd))
@@ -2601,10 +2497,10 @@ class Acceptor(IOHandle):
         self.conn_reactor = conn_reactor or reactor
         self.backlog = backlog
         self.proxy_protocol = bool(proxy_protocol)
-        self._proxy_timeout = float(proxy_header_timeout)
         self._family = family
         self._unix_path = None
         self._retry = False
+        self._episode: Optional[list] = None     # [errno, failures] while accept() keeps failing
         try:
             if fd is not None and rcvbuf and family != socket.AF_UNIX:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -2656,88 +2552,96 @@ class Acceptor(IOHandle):
         return a
 
     def on_read(self) -> bool:
-        # socket.accept() is _accept() -> (fd, addr) plus a socket object built
-        # through two enum conversions and a getsockname() syscall.  A plain
-        # connection needs no object at all: its I/O is fd-level, so it keeps
-        # the bare fd (see _BareFd) and os.set_blocking() -- one ioctl, without
-        # releasing the GIL -- makes it non-blocking.  TLS, the PROXY protocol
-        # and a per-accept TCP_NODELAY need an object: socket.socket's C base
-        # class, without its Python-level __init__ and close().
-        accept = self._sock._accept
+        """Accept a bounded batch of connections; each gets a handler from the
+        factory (after the accept stages, if any) and its on_open runs."""
+        accept = self._sock._accept             # (fd, address): see the fast path below
         family = int(self._family)
-        make_socket = _CSocket
-        set_blocking = os.set_blocking
-        factory = self.factory
-        conn_reactor = self.conn_reactor
+        stages = self._stages
         nodelay = self._nodelay
-        tls = self._tls
-        proxy = self.proxy_protocol
         for _ in range(min(self.backlog, _ACCEPT_BATCH)):
             try:
                 fd, addr = accept()
             except BlockingIOError:
                 break
             except OSError as e:
-                if e.errno in _ACCEPT_TRANSIENT:
-                    _log.warning("%s: accept failed (%s); pausing %d ms",
-                                 _safe_repr(self), e, _ACCEPT_RETRY_MS)
-                    self._retry = True
-                    self._paused = True
-                    self._update()
-                    self.schedule_timer(_ACCEPT_RETRY_MS)
-                    break
-                if e.errno in _ACCEPT_SKIP:
+                if e.errno in _ACCEPT_SKIP:      # that connection is gone: the next one
                     continue
-                raise
-            if nodelay or proxy or tls is not None:
-                conn = make_socket(family, socket.SOCK_STREAM, 0, fd)
+                if e.errno in _ACCEPT_FATAL:     # the listener itself is unusable
+                    _log.error("%s: accept failed (%s): the listener is unusable and is closed",
+                               _safe_repr(self), e)
+                    self.error = e.with_traceback(None)
+                    return False
+                self._accept_failing(e)          # EMFILE & co., or unexpected: pause, retry
+                break
+            if self._episode is not None:
+                _log.warning("%s: accepting again after %d failed accept() calls (%s)", _safe_repr(self),
+                             self._episode[1], os.strerror(self._episode[0]))
+                self._episode = None
+            if stages or nodelay:
+                # A socket object: socket.socket's C base class, without its
+                # Python-level __init__ and close() (the stages close it themselves).
+                conn = _CSocket(family, socket.SOCK_STREAM, 0, fd)
                 conn.setblocking(False)
                 if nodelay:
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if proxy:                      # the PROXY header first: no user code before it
-                    self._read_proxy_header(conn, addr)
-                    continue
-            else:
-                conn = _BARE
-                set_blocking(fd, False)
-            try:
-                h = factory()
-                if not isinstance(h, IOHandle):
-                    raise TypeError("factory returned %r, not an IOHandle" % (h,))
-            except Exception:
-                _log.exception("%s: handler factory failed", _safe_repr(self))
-                if conn is _BARE:
-                    os.close(fd)
-                else:
-                    conn.close()
+                self._proceed(0, conn, addr if stages else None)
                 continue
-            if tls is not None:                # the handshake first, then on_open (section 11)
-                h.reactor = conn_reactor
-                _TLSHandshake.launch(h, conn, tls, True, None, self._tls_timeout, addr)
+            # fast path: a plain connection needs no socket object at all (its I/O is
+            # fd-level): the bare fd (see _BareFd), made non-blocking by one ioctl.
+            # socket.accept() would build one through two enum conversions and a
+            # getsockname() syscall (GAIN_BARE).
+            os.set_blocking(fd, False)
+            h = _new_handler(self.factory, self)
+            if h is None:
+                os.close(fd)
                 continue
-            h._sock = conn
-            h.fd = fd                         # (peer: asked of the socket when read)
-            h.reactor = conn_reactor
+            h._sock = _BARE
+            h.fd = fd                          # (peer: asked of the socket when read)
+            h.reactor = self.conn_reactor
             _open_handler(h)
         return True
 
-    def _read_proxy_header(self, conn: socket.socket, addr: Any) -> None:
-        """Start a _ProxyHeader for ``conn`` on this acceptor's poller (so the user's
-        on_open runs on the acceptor's thread, as without the PROXY protocol)."""
-        ph = _ProxyHeader()
-        ph.acceptor = self
-        ph._buf = b""
-        ph._sock = conn
-        ph.fd = conn.fileno()
-        ph.peer = addr
-        try:
-            self.reactor.add_handler(ph, ph.fd, EV_IN, poller=self.poller.index)
-        except Exception:
-            _log.exception("%s: cannot watch a new connection", _safe_repr(self))
-            ph._close_now()
+    def _accept_failing(self, e: OSError) -> None:
+        """accept() failed and will fail again at once (EMFILE: Linux keeps the
+        listener readable, so retrying now would spin): stop polling the
+        listener for _ACCEPT_RETRY_MS and retry.  One log line per episode: the
+        first failure, then the count when accepting works again."""
+        if self._episode is None:
+            self._episode = [e.errno or 0, 0]
+            level = logging.WARNING if e.errno in _ACCEPT_TRANSIENT else logging.ERROR
+            _log.log(level, "%s: accept failed (%s); pausing %d ms between retries until it works",
+                     _safe_repr(self), e, _ACCEPT_RETRY_MS)
+        self._episode[1] += 1
+        self._retry = True
+        self._paused = True
+        self._update()
+        self.schedule_timer(_ACCEPT_RETRY_MS)
+
+    def _proceed(self, i: int, conn: Any, peer: Any, prepare: Optional[Callable] = None) -> None:
+        """Hand the accepted socket ``conn`` to accept stage ``i``; after the last
+        one, make the handler (``prepare(h)`` first, if the last stage gave one)
+        and call its on_open.  ``peer``: the client address to announce (None:
+        the socket's own peer).  See section 7's hooks."""
+        if i < len(self._stages):
+            self._stages[i](self, conn, peer, lambda c, pr, prep=None: self._proceed(i + 1, c, pr, prep))
             return
-        if self._proxy_timeout != math.inf:
-            ph.schedule_timer(self._proxy_timeout * 1000.0)
+        h = _new_handler(self.factory, self)
+        if h is None:
+            conn.close()
+            return
+        h.reactor = self.conn_reactor
+        if prepare is not None:
+            try:
+                prepare(h)
+            except Exception:
+                _log.exception("%s: cannot take a new connection", _safe_repr(h))
+                conn.close()
+                return
+        h._sock = conn
+        h.fd = conn.fileno()
+        if peer is not None:
+            h.peer = peer
+        _open_handler(h)
 
     def on_timeout(self, now_ms: int) -> bool:
         if self._retry:
@@ -2791,7 +2695,7 @@ class Acceptor(IOHandle):
 # fd >= 0 marks it "connecting", so it cannot be connected twice at once.
 
 class _Connecting(IOHandle):
-    __slots__ = ("target", "addr", "_ticket", "_tls")
+    __slots__ = ("target", "addr", "_ticket", "_stage")
 
     def on_write(self) -> bool:
         err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -2847,19 +2751,15 @@ class _Connecting(IOHandle):
             return
         sock = self._detach()
         h, self.target = self.target, None
-        h._sock = sock
-        h.fd = sock.fileno()
-        h.peer = self.addr
         if sock.family != socket.AF_UNIX:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:                # already reset: on_open's first I/O will say so
                 pass
-        if self._tls is not None:          # TLS: the handshake, then on_open (section 11)
-            h._sock = None
-            _TLSHandshake.launch(h, sock, self._tls[0], False, self._tls[1], self._tls[2], self.addr)
+        if self._stage is not None:        # e.g. the TLS handshake, then on_open
+            self._stage(h, sock, self.addr)
             return
-        _open_handler(h)
+        _open_connected(h, sock, self.addr)
 
     def _fail(self, err: OSError) -> None:
         h, self.target = self.target, None
@@ -2890,7 +2790,7 @@ class Connector:
 
     def connect(self, addr: Union[str, tuple], handler: IOHandle, timeout_ms: float, *, ssl: Any = None,
                 server_hostname: Optional[str] = None,
-                ssl_handshake_timeout: float = _TLS_HANDSHAKE_TIMEOUT) -> None:
+                ssl_handshake_timeout_ms: float = _TLS_HANDSHAKE_TIMEOUT * 1000) -> None:
         """Connect ``handler`` to ``addr`` without blocking (host names are resolved
         here, in the calling thread, which may block).  Any thread.
 
@@ -2908,7 +2808,8 @@ class Connector:
         handshake after the connect, before on_open; ``server_hostname`` is the
         name the certificate must match (default: the host part of ``addr``).
         A handshake failure reaches ``on_connect_fail``: ssl.SSLCertVerificationError,
-        ssl.SSLError, TimeoutError after ``ssl_handshake_timeout`` seconds.
+        ssl.SSLError, TimeoutError after ``ssl_handshake_timeout_ms`` milliseconds.
+        TLS is a Part II extra: without it ``ssl=`` raises RuntimeError.
         """
         if not isinstance(handler, IOHandle):
             raise TypeError("handler must be an IOHandle, got %r" % (handler,))
@@ -2920,13 +2821,12 @@ class Connector:
         family, sockaddr = parse_address(addr)
         if family != socket.AF_UNIX and sockaddr[1] == 0:
             raise ValueError("cannot connect to port 0 in %r" % (addr,))
-        tls = None
+        stage = None
         if ssl is not None:
             if server_hostname is None and family != socket.AF_UNIX:
                 server_hostname = _host_of(addr) or None
-            tls = (ssl, server_hostname, _check_tls(ssl, False, server_hostname, ssl_handshake_timeout))
-        if isinstance(handler, _TLSMixin) and tls is None:   # reconnected without TLS
-            handler.__class__ = _TLS_PLAIN.get(type(handler), type(handler))
+            stage = _extra("tls_client")(ssl, server_hostname, ssl_handshake_timeout_ms)
+        handler._reset_transport()
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
@@ -2942,7 +2842,7 @@ class Connector:
         c._sock = sock
         c.fd = handler.fd = sock.fileno()     # handler.fd >= 0 marks it "connecting"
         c._ticket = [True]
-        c._tls = tls
+        c._stage = stage
         handler.reactor = self.reactor
         handler.error = None                  # from a failed attempt: _add would abort on it
         p = self.reactor._poller_for(c.fd)
@@ -2978,6 +2878,16 @@ class Connector:
                 c.schedule_timer(timeout)
         else:
             c._fail(_oserror(err, str(c.addr)))
+
+
+###############################################################################
+# PART II -- production extras
+#
+# Everything below attaches to Part I through the hooks declared in section 7
+# ("Hooks: where Part II attaches"); Part I names nothing defined here.  A copy
+# of goev.py cut at this banner is a complete reactor without trace mode, TLS,
+# the PROXY protocol, ConnectPool, serve() and the command line.
+###############################################################################
 
 
 # =============================================================================
@@ -3159,7 +3069,7 @@ _EXTRAS["tracer"] = _Tracer
 
 
 # =============================================================================
-# 11. TLS: SSLObject over memory BIOs, and the class swap
+# 12. TLS: SSLObject over memory BIOs, and the class swap
 # =============================================================================
 # The standard library's ssl module can run TLS without owning the socket:
 # ``context.wrap_bio(incoming, outgoing)`` gives an ``SSLObject`` that reads
@@ -3227,23 +3137,6 @@ class _TLSTransport:
 
 _TLS_CLASSES: dict = {}           # user class -> its TLS subclass (made once per class)
 _TLS_PLAIN: dict = {}             # ... and back (a handler reconnected without TLS)
-
-
-def _tls_class(cls: type) -> type:
-    """The cached ``TLS<Name>`` subclass of ``cls`` with _TLSMixin under it."""
-    tls = _TLS_CLASSES.get(cls)
-    if tls is None:
-        if issubclass(cls, _TLSMixin):
-            return cls
-        try:
-            bases: tuple = (cls, _TLSMixin)
-            tls = type(cls)("TLS" + cls.__name__, bases, {"__slots__": (), "__module__": cls.__module__})
-        except TypeError:             # no consistent MRO (cls is IOHandle itself): mixin first
-            tls = type(cls)("TLS" + cls.__name__, (_TLSMixin, cls),
-                            {"__slots__": (), "__module__": cls.__module__})
-        tls = _TLS_CLASSES.setdefault(cls, tls)
-        _TLS_PLAIN[tls] = cls
-    return tls
 
 
 class _TLSMixin(IOHandle):
@@ -3375,7 +3268,8 @@ class _TLSMixin(IOHandle):
         self._tls_close_notify()
         IOHandle.shutdown_write(self)
 
-    _plain_update = False
+    def _reset_transport(self) -> None:
+        self.__class__ = _TLS_PLAIN.get(type(self), type(self))
 
     def _update(self) -> None:
         # Plaintext may be waiting in the BIOs when reading (re)starts -- sent
@@ -3398,22 +3292,45 @@ class _TLSMixin(IOHandle):
             self.poller._fault(self, "on_read")
 
 
+
+
+def _tls_class(cls: type) -> type:
+    """The cached ``TLS<Name>`` subclass of ``cls`` with _TLSMixin under it."""
+    tls = _TLS_CLASSES.get(cls)
+    if tls is None:
+        if issubclass(cls, _TLSMixin):
+            return cls
+        try:
+            bases: tuple = (cls, _TLSMixin)
+            tls = type(cls)("TLS" + cls.__name__, bases, {"__slots__": (), "__module__": cls.__module__})
+        except TypeError:             # no consistent MRO (cls is IOHandle itself): mixin first
+            tls = type(cls)("TLS" + cls.__name__, (_TLSMixin, cls),
+                            {"__slots__": (), "__module__": cls.__module__})
+        tls = _TLS_CLASSES.setdefault(cls, tls)
+        _TLS_PLAIN[tls] = cls
+    return tls
+
+
 class _TLSHandshake(IOHandle):
-    """Drives one handshake on the connection's poller, then hands the socket over."""
-    __slots__ = ("target", "_server", "_timeout", "_ticket")
+    """Drives one handshake on the connection's poller, then hands the
+    transport on: ``done(transport, adopt)`` -- ``adopt(h)`` makes a handler
+    take it (the class swap) -- or ``failed(err)``, exactly one of them once."""
+    __slots__ = ("_server", "_timeout", "_ticket", "_done", "_failed")
 
     @classmethod
-    def launch(cls, target: IOHandle, sock: socket.socket, context: Any, server_side: bool,
-              server_hostname: Optional[str], timeout: float, peer: Any) -> None:
-        """Begin the handshake of ``sock`` for ``target`` (whose ``reactor`` is set).
-        Any thread; the handshake itself runs on poller[fd % N] of target.reactor."""
+    def launch(cls, reactor: "Reactor", sock: socket.socket, context: Any, server_side: bool,
+               server_hostname: Optional[str], timeout: float, peer: Any,
+               done: Callable[[Any, Callable[[IOHandle], None]], None],
+               failed: Callable[[BaseException], None]) -> None:
+        """Begin the handshake of ``sock``; any thread.  The handshake itself
+        runs on poller[fd % N] of ``reactor``, and so do ``done``/``failed``."""
         hs = cls()
-        hs.target = target
         hs._server = server_side
         hs._timeout = timeout
         hs._ticket = [True]
+        hs._done, hs._failed = done, failed
         hs.peer = peer
-        hs.reactor = target.reactor
+        hs.reactor = reactor
         hs.fd = sock.fileno()
         try:
             hs._sock = _TLSTransport(sock, context, server_side, server_hostname)
@@ -3421,7 +3338,7 @@ class _TLSHandshake(IOHandle):
             hs._sock = sock
             hs._fail(e if isinstance(e, OSError) else _ssllib.SSLError(str(e)))
             return
-        p = target.reactor._poller_for(hs.fd)
+        p = reactor._poller_for(hs.fd)
         if p._is_mine():
             hs._begin()
             return
@@ -3465,7 +3382,7 @@ class _TLSHandshake(IOHandle):
         else:
             t.incoming.write_eof()
         self._step()
-        if not n and self.target is not None:   # (do_handshake raises at EOF: belt and braces)
+        if not n and self._done is not None:    # (do_handshake raises at EOF: belt and braces)
             self._fail(ConnectionResetError(errno.ECONNRESET, "EOF during the TLS handshake"))
         return True
 
@@ -3493,54 +3410,43 @@ class _TLSHandshake(IOHandle):
         self._succeed()
 
     def _succeed(self) -> None:
-        p = self.poller
-        if p._state >= _STOPPING:
+        if self.poller._state >= _STOPPING:
             self._fail(ConnectionAbortedError(errno.ECONNABORTED, "reactor stopped"))
             return
-        h = self.target
-        try:
-            cls = _tls_class(type(h))
-            h.__class__ = cls
-        except TypeError as e:             # a class layout that cannot be swapped: a bug
-            _log.error("%s: cannot make a TLS handler of %s: %s", _safe_repr(self), type(h).__name__, e)
-            self._fail(ConnectionAbortedError(errno.ECONNABORTED, str(e)))
-            return
-        self.target = None
-        # Hand the socket on; ciphertext still queued (the server's session
-        # tickets) goes with it.
+        done, self._done, self._failed = self._done, None, None
+        # Hand the transport on; ciphertext still queued (the server's session
+        # tickets) goes with it, through adopt.
         t = self._detach()
-        h._wq, h._wq_bytes, self._wq, self._wq_bytes = self._wq, self._wq_bytes, None, 0
-        h._sock = t
-        h.fd = self.fd
-        h.peer = self.peer
-        h.error = None
-        _open_handler(h)
+        wq, wq_bytes, self._wq, self._wq_bytes = self._wq, self._wq_bytes, None, 0
 
-    def _fail(self, err: OSError) -> None:
-        h, self.target = self.target, None
-        if h is None:                      # already settled: exactly one outcome
+        def adopt(h: IOHandle) -> None:
+            h.__class__ = _tls_class(type(h))      # TypeError for a layout that cannot swap
+            h._wq, h._wq_bytes = wq, wq_bytes
+            h.error = None
+        assert done is not None
+        done(t, adopt)
+
+    def _fail(self, err: BaseException) -> None:
+        failed, self._done, self._failed = self._failed, None, None
+        if failed is None:                 # already settled: exactly one outcome
             return
         if self._state != _CLOSED:        # (else on_close is running or will run)
             self._close_now()              # on_close (below) releases the socket
-        if self._server:
-            _log.debug("TLS handshake with %r failed: %s", self.peer, err)
-            return
-        _connect_failed(h, err)
+        failed(err)
 
     def on_close(self) -> None:
         # Closed by the poller (reactor stop, shutdown drain, an error): the
-        # target still gets its one outcome.
+        # connection still gets its one outcome.
         self.destroy()
-        if self.target is not None:
+        if self._failed is not None:
             e = self.error if isinstance(self.error, OSError) else None
             self._fail(e or ConnectionAbortedError(errno.ECONNABORTED, "connection closed during the TLS handshake"))
 
 
-def _check_tls(context: Any, server_side: bool, server_hostname: Optional[str], timeout: Any) -> float:
+def _check_tls(context: Any, server_side: bool, server_hostname: Optional[str]) -> None:
     """Fail at the call, not per connection: TypeError for something that is not
     an SSLContext, ValueError for one that cannot serve this side (a client
-    context on an Acceptor, check_hostname without a server_hostname) or a bad
-    ``ssl_handshake_timeout`` (seconds, > 0; inf: none).  Returns the timeout."""
+    context on an Acceptor, check_hostname without a server_hostname)."""
     if _ssllib is None:
         raise RuntimeError("this Python has no ssl module")
     if not isinstance(context, _ssllib.SSLContext):
@@ -3551,31 +3457,228 @@ def _check_tls(context: Any, server_side: bool, server_hostname: Optional[str], 
                          % (wrong.name, "PROTOCOL_TLS_SERVER" if server_side else "PROTOCOL_TLS_CLIENT"))
     if not server_side and context.check_hostname and not server_hostname:
         raise ValueError("the ssl context checks host names: give server_hostname=")
-    timeout = _check_delay("ssl_handshake_timeout", timeout)
-    if not timeout > 0:
-        raise ValueError("ssl_handshake_timeout must be > 0 seconds, got %r" % (timeout,))
     try:
         context.wrap_bio(_ssllib.MemoryBIO(), _ssllib.MemoryBIO(), server_side=server_side,
                          server_hostname=server_hostname)
     except _ssllib.SSLError as e:          # "Cannot create a server socket with a PROTOCOL_TLS_CLIENT context"
         raise ValueError("ssl context cannot serve the %s side: %s"
                          % ("server" if server_side else "client", e)) from None
-    return timeout
+
+
+def _tls_server_stage(context: Any, timeout: Any) -> Callable:
+    """The accept stage of ``Acceptor(ssl=context)``: a handshake, then the
+    handler.  A failed handshake is the peer's problem, not the server's:
+    logged at DEBUG, the socket closed, no user code run."""
+    timeout = _check_delay("ssl_handshake_timeout", timeout)
+    if not timeout > 0:
+        raise ValueError("ssl_handshake_timeout must be > 0 seconds, got %r" % (timeout,))
+    _check_tls(context, True, None)
+
+    def stage(acceptor: Acceptor, conn: Any, peer: Any, proceed: Callable) -> None:
+        def failed(err: BaseException) -> None:
+            _log.debug("TLS handshake with %r failed: %s", peer, err)
+        _TLSHandshake.launch(acceptor.conn_reactor, conn, context, True, None, timeout, peer,
+                             lambda t, adopt: proceed(t, peer, adopt), failed)
+    return stage
+
+
+def _tls_client_stage(context: Any, server_hostname: Optional[str], timeout_ms: Any) -> Callable:
+    """The connect stage of ``Connector.connect(ssl=context)``: a handshake, then
+    on_open; a failure reaches on_connect_fail."""
+    timeout = _check_delay("ssl_handshake_timeout_ms", timeout_ms) / 1000.0
+    if not timeout > 0:
+        raise ValueError("ssl_handshake_timeout_ms must be > 0 ms, got %r" % (timeout_ms,))
+    _check_tls(context, False, server_hostname)
+
+    def stage(h: IOHandle, sock: Any, peer: Any) -> None:
+        _TLSHandshake.launch(h.reactor, sock, context, False, server_hostname, timeout, peer,
+                             lambda t, adopt: _open_connected(h, t, peer, adopt),
+                             lambda err: _connect_failed(h, err))
+    return stage
+
+
+_EXTRAS["tls_server"] = _tls_server_stage
+_EXTRAS["tls_client"] = _tls_client_stage
 
 
 # =============================================================================
-# 12. ConnectPool: a pool of client connections
+# 13. The PROXY protocol: the client's address from a load balancer
+# =============================================================================
+# HAProxy's v1 text and v2 binary headers.
+# Behind a TCP load balancer every connection comes from the balancer; with the
+# PROXY protocol the balancer starts each connection with a header naming the
+# real client.  Acceptor(proxy_protocol=True) hands each accepted socket to an
+# internal _ProxyHeader first (the pattern of the Connector's _Connecting): it
+# reads the header, then leaves the poller without closing the socket, builds
+# the user's handler with ``peer`` = the client and calls its on_open.  The
+# balancer stays available as ``sock_peer`` (getpeername(): no slot added to
+# every IOHandle for it).  It never reads a byte past the header: it peeks
+# (MSG_PEEK) to find where the header ends and consumes exactly that, so bytes
+# that followed the header in the same segment stay in the kernel for the
+# user's first read() -- no leftover buffer to hand over, no branch on the hot
+# read path.  While the header is incomplete every byte there is header, so it
+# is consumed (kept in _buf): the fd then stops being readable and a
+# level-triggered poll cannot spin on peeked bytes.  A malformed, oversized or
+# missing header, end of stream before it, or no header within
+# ``proxy_header_timeout``: the connection is closed with a DEBUG log line, and
+# no user code (not even the factory) runs for it.
+
+_PROXY_V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+_PROXY_V1_MAX = 107             # the longest v1 line the spec allows, CRLF included
+_PROXY_V2_MAX = 16 + 2048       # v2 header + addresses + TLVs accepted (the spec asks for >= 232)
+
+
+class _ProxyError(ValueError):
+    """A PROXY header that cannot be accepted (internal: logged at DEBUG, connection closed)."""
+
+
+def _proxy_parse(data: bytes) -> Optional[tuple]:
+    """Parse the PROXY header at the start of ``data``: None if more bytes are
+    needed, else ``(header length, version, client address)``; the address is
+    None for "use the socket's own peer" (v2 LOCAL -- the balancer's health
+    checks --, UNSPEC, v1 UNKNOWN).  Raises _ProxyError for anything else."""
+    n = len(data)
+    if data[0] == 0x0D:                                        # v2: binary
+        if not _PROXY_V2_SIG.startswith(data[:12]):
+            raise _ProxyError("bad PROXY v2 signature")
+        if n < 16:
+            return None
+        ver, cmd, af = data[12] >> 4, data[12] & 0xF, data[13] >> 4
+        total = 16 + int.from_bytes(data[14:16], "big")
+        if ver != 2 or cmd > 1:
+            raise _ProxyError("unsupported PROXY v2 version %d / command %d" % (ver, cmd))
+        if total > _PROXY_V2_MAX:
+            raise _ProxyError("PROXY v2 header of %d bytes (limit %d)" % (total, _PROXY_V2_MAX))
+        if n < total:
+            return None
+        if cmd == 0 or af == 0:                                # LOCAL, or UNSPEC: the real peer
+            return total, 2, None
+        body = data[16:total]                                  # addresses, then TLVs (skipped)
+        need = {1: 12, 2: 36, 3: 216}.get(af)
+        if need is None or len(body) < need:
+            raise _ProxyError("PROXY v2 address family %d with %d address bytes" % (af, len(body)))
+        if af == 1:
+            return total, 2, (socket.inet_ntop(socket.AF_INET, body[:4]), int.from_bytes(body[8:10], "big"))
+        if af == 2:
+            return total, 2, (socket.inet_ntop(socket.AF_INET6, body[:16]),
+                              int.from_bytes(body[32:34], "big"), 0, 0)
+        raw = body[:108]                                       # AF_UNIX: as accept() reports it
+        return total, 2, (raw.rstrip(b"\0") if raw[:1] == b"\0" else os.fsdecode(raw.split(b"\0", 1)[0]))
+    if not b"PROXY ".startswith(data[:6]):                     # v1: one text line
+        raise _ProxyError("no PROXY header (starts with %r)" % bytes(data[:16]))
+    end = data.find(b"\r\n", 0, _PROXY_V1_MAX)
+    if end < 0:
+        if n >= _PROXY_V1_MAX:
+            raise _ProxyError("PROXY v1 header longer than %d bytes" % _PROXY_V1_MAX)
+        return None
+    parts = bytes(data[:end]).split(b" ")
+    if len(parts) >= 2 and parts[1] == b"UNKNOWN":
+        return end + 2, 1, None
+    if len(parts) != 6 or parts[1] not in (b"TCP4", b"TCP6"):
+        raise _ProxyError("malformed PROXY v1 header %r" % bytes(data[:end]))
+    family = socket.AF_INET if parts[1] == b"TCP4" else socket.AF_INET6
+    try:
+        src = socket.inet_ntop(family, socket.inet_pton(family, parts[2].decode("ascii")))
+        socket.inet_pton(family, parts[3].decode("ascii"))
+        ports = [int(p) for p in parts[4:] if p.isdigit() and len(p) <= 5]
+    except (OSError, ValueError):
+        ports = ()
+    if len(ports) != 2 or max(ports) > 65535:
+        raise _ProxyError("malformed PROXY v1 header %r" % bytes(data[:end]))
+    return end + 2, 1, ((src, ports[0]) if family == socket.AF_INET else (src, ports[0], 0, 0))
+
+
+class _ProxyHeader(IOHandle):
+    """Reads one PROXY header on the acceptor's poller, then hands the socket on."""
+    __slots__ = ("_proceed", "_timeout", "_buf")
+
+    def on_read(self) -> bool:
+        sock, buf = self._sock, self._buf
+        try:
+            peek = sock.recv(_PROXY_V2_MAX - len(buf), socket.MSG_PEEK)
+        except BlockingIOError:
+            return True
+        except OSError as e:
+            return self._reject("read failed (%s)" % e)
+        if not peek:
+            return self._reject("end of stream before the PROXY header")
+        data = buf + peek
+        try:
+            got = _proxy_parse(data)
+        except _ProxyError as e:
+            return self._reject(str(e))
+        take = len(peek) if got is None else got[0] - len(buf)
+        try:
+            if len(sock.recv(take)) != take:   # the peeked bytes: cannot come short
+                return self._reject("short read")
+        except OSError as e:
+            return self._reject("read failed (%s)" % e)
+        if got is None:
+            self._buf = data
+            return True
+        return self._hand_over(got[1], got[2])
+
+    def on_timeout(self, now_ms: int) -> bool:
+        self._reject("no PROXY header within %gs" % self._timeout)
+        self.close()
+        return False
+
+    def _reject(self, why: str) -> bool:
+        _log.debug("%s: %s; connection closed", _safe_repr(self), why)
+        return False                            # the loop closes us: on_close = destroy
+
+    def _hand_over(self, version: int, client: Any) -> bool:
+        p, fd = self.poller, self.fd
+        peer = self.peer if client is None else client
+        if p._observer is not None:
+            p._observer.say("fd %d: PROXY v%d header: client %r via %r" % (fd, version, peer, self.peer))
+        self._proceed(self._detach(), peer)     # the next stage (TLS), or the handler
+        return True
+
+
+def _proxy_stage(timeout: Any) -> Callable:
+    """The accept stage of ``Acceptor(proxy_protocol=True)``: read the header
+    (within ``timeout`` seconds, > 0; inf: no limit) on the acceptor's poller,
+    then go on with the client it names as the peer."""
+    if not _check_delay("proxy_header_timeout", timeout) > 0:
+        raise ValueError("proxy_header_timeout must be > 0 seconds, got %r" % (timeout,))
+
+    def stage(acceptor: Acceptor, conn: Any, peer: Any, proceed: Callable) -> None:
+        ph = _ProxyHeader()
+        ph._proceed, ph._timeout, ph._buf = proceed, float(timeout), b""
+        ph._sock = conn
+        ph.fd = conn.fileno()
+        ph.peer = peer
+        try:
+            acceptor.reactor.add_handler(ph, ph.fd, EV_IN, poller=acceptor.poller.index)
+        except Exception:
+            _log.exception("%s: cannot watch a new connection", _safe_repr(acceptor))
+            ph._close_now()
+            return
+        if ph._timeout != math.inf:
+            ph.schedule_timer(ph._timeout * 1000.0)
+    return stage
+
+
+_EXTRAS["proxy"] = _proxy_stage
+
+
+# =============================================================================
+# 14. ConnectPool: a pool of client connections
 # =============================================================================
 # The pool keeps at least ``min_idle`` open, idle connections to one address,
 # adding ``add_step`` at a time and never more than ``max_live``.  All its
 # bookkeeping runs on one poller thread (a periodic timer plus posted work);
 # acquire()/release() may be called from any thread and only touch a deque.
-# A connection that closes leaves the pool (its _owner hook tells us).
+# A connection that closes leaves the pool (the watcher hook tells us).
 # In-flight connects are a *set* (``_pending``), not a counter: a member can
 # leave by "opened", "failed" or -- when its on_open refuses -- "closed"
 # alone, and a counter that missed that last case would wedge the refill.
 # While connects fail (server down), only the timer retries: acquire() does
 # not, so a tight acquire loop cannot turn into a connect storm.
+
+__all__ += ["ConnectPool"]
+
 
 class ConnectPool:
     """A self-refilling pool of connections made by ``connector`` to ``addr``.
@@ -3652,7 +3755,7 @@ class ConnectPool:
         """Give ``h`` back; a closed one is dropped (and after ``close()`` it is
         closed).  Raises ValueError for a handler that is not this pool's or is
         already idle.  Any thread."""
-        if getattr(h, "_owner", None) is not self:
+        if getattr(h, "_watcher", None) is not self:
             raise ValueError("%s does not belong to %r" % (_safe_repr(h), self))
         if self._closed or h.closed:
             if self._closed:
@@ -3691,14 +3794,10 @@ class ConnectPool:
         return True
 
     def _connect_one(self) -> bool:
-        try:
-            h = self.factory()
-            if not isinstance(h, IOHandle):
-                raise TypeError("pool factory returned %r, not an IOHandle" % (h,))
-        except Exception:                         # must not kill the maintenance timer
-            _log.exception("%r: handler factory failed", self)
+        h = _new_handler(self.factory, self)     # (logged; must not kill the maintenance timer)
+        if h is None:
             return False
-        h._owner = self
+        h._watcher = self
         self._members.add(h)
         self._pending.add(h)
         try:
@@ -3714,22 +3813,40 @@ class ConnectPool:
             return False
         return True
 
-    def _handler_event(self, h: IOHandle, what: str) -> None:
-        """A member opened, failed to connect or closed (any thread: the
-        bookkeeping itself always runs on the pool's poller)."""
+    # The watcher hook (section 7): each member tells the pool when it opened,
+    # failed to connect or closed, from its own poller's thread; the
+    # bookkeeping itself runs on the pool's poller.
+
+    def _here(self, fn: Callable, *args: Any) -> bool:
+        """Post ``fn(*args)`` to the pool's poller unless already on it: True if posted."""
         if self._poller._foreign():
-            self._poller._post(self._handler_event, h, what)
+            self._poller._post(fn, *args)
+            return True
+        return False
+
+    def _handler_opened(self, h: IOHandle) -> None:
+        if self._here(self._handler_opened, h):
             return
         self._pending.discard(h)
-        if what == "opened":
-            self._failing = False
-            if self._closed:
-                h.close()
-            elif not h.closed and h in self._members:     # not closed already ("closed" came first)
-                self._idle.append(h)
+        self._failing = False
+        if self._closed:
+            h.close()
+        elif not h.closed and h in self._members:     # not closed already (that came first)
+            self._idle.append(h)
+
+    def _handler_failed(self, h: IOHandle, err: BaseException) -> None:
+        if self._here(self._handler_failed, h, err):
             return
-        if what == "failed":
-            self._failing = True
+        self._failing = True
+        self._forget(h)
+
+    def _handler_closed(self, h: IOHandle) -> None:
+        if self._here(self._handler_closed, h):
+            return
+        self._forget(h)
+
+    def _forget(self, h: IOHandle) -> None:
+        self._pending.discard(h)
         self._members.discard(h)
         try:
             self._idle.remove(h)
@@ -3738,7 +3855,7 @@ class ConnectPool:
 
 
 # =============================================================================
-# 13. Multi-process serving: serve()
+# 15. Multi-process serving: serve()
 # =============================================================================
 # Under the GIL one process runs Python on one core at a time, so a server
 # uses every core with processes.  serve() forks N workers; each builds its
@@ -3885,53 +4002,6 @@ def _serve_here(addr: Any, factory: Callable[[], IOHandle], pollers: int, backen
             signal.signal(sig, h)
         reactor.stop()
     return 0
-
-
-def serve(addr: Union[str, tuple, None], factory: Callable[[], IOHandle], *, workers: int = 1,
-          pollers: int = 1, backend: str = "auto", drain_timeout: float = 10.0, trace: Optional[bool] = None,
-          ready: Optional[Callable[[Any], None]] = None, setup: Optional[Callable[[Reactor], None]] = None,
-          slow_callback_ms: Optional[float] = None, **acceptor_kw: Any) -> int:
-    """Serve ``factory`` handlers on ``addr`` until SIGTERM/SIGINT; returns the exit code (0).
-
-    ``workers=1`` serves in this process (``pollers`` threads, one REUSEPORT
-    acceptor per poller when pollers > 1).  ``workers=N`` forks N supervised
-    worker processes, each with its own Reactor and its own SO_REUSEPORT
-    listener (held by the supervisor across restarts and reloads, so no
-    queued connection is ever reset); a worker that dies is restarted (with
-    backoff).
-    On SIGTERM/SIGINT every worker stops accepting, lets open connections flush
-    their queued writes (``Reactor.shutdown``, at most ``drain_timeout`` s) and
-    exits 0.  SIGHUP (workers=N) reloads with zero downtime: a new generation
-    of workers starts, then the old one stops accepting and lets its
-    connections finish (at most ``drain_timeout`` s); no connection attempt is
-    refused meanwhile.  SIGQUIT alone does that retirement (stop accepting,
-    finish the connections, exit).
-    Socket activation: if systemd passed listening sockets (LISTEN_PID/LISTEN_FDS,
-    fds from 3) they are served instead of binding, and ``addr`` is ignored
-    (it may be None).
-    ``setup(reactor)`` runs in each worker before serving (timers, caches);
-    ``ready(address)`` is called once listening (in the supervisor for N > 1).
-    ``trace`` and ``slow_callback_ms`` go to each worker's Reactor.
-    Other keywords go to Acceptor (``proxy_protocol=True``, ``ssl=``, ...).
-    Main thread only (it installs signal handlers).
-    """
-    _check_int("workers", workers, 1)
-    _check_int("pollers", pollers, 1)
-    _check_delay("drain_timeout", drain_timeout)
-    if slow_callback_ms is not None:
-        _check_delay("slow_callback_ms", slow_callback_ms)
-    _pick_backend(backend)
-    if not callable(factory):
-        raise TypeError("factory must be callable, got %r" % (factory,))
-    socks = _listen_fds()
-    if not socks and addr is None:
-        raise ValueError("addr is required (systemd passed no listening sockets: LISTEN_FDS)")
-    reuse_port = acceptor_kw.pop("reuse_port", None)
-    if workers == 1:
-        return _serve_here(addr, factory, pollers, backend, drain_timeout, bool(reuse_port), ready,
-                           trace, setup, acceptor_kw, socks, slow_callback_ms=slow_callback_ms)
-    return _Supervisor(addr, factory, workers, pollers, backend, drain_timeout, trace, ready,
-                       setup, acceptor_kw, socks, reuse_port, slow_callback_ms).run()
 
 
 class _Supervisor:
@@ -4114,8 +4184,58 @@ class _Supervisor:
             self.restart_at[slot] = _monotonic() + self.backoff[slot]
 
 
+__all__ += ["serve"]
+
+
+def serve(addr: Union[str, tuple, None], factory: Callable[[], IOHandle], *, workers: int = 1,
+          pollers: int = 1, backend: str = "auto", drain_timeout: float = 10.0, trace: Optional[bool] = None,
+          ready: Optional[Callable[[Any], None]] = None, setup: Optional[Callable[[Reactor], None]] = None,
+          slow_callback_ms: Optional[float] = None, **acceptor_kw: Any) -> int:
+    """Serve ``factory`` handlers on ``addr`` until SIGTERM/SIGINT; returns the exit code (0).
+
+    ``workers=1`` serves in this process (``pollers`` threads, one REUSEPORT
+    acceptor per poller when pollers > 1).  ``workers=N`` forks N supervised
+    worker processes, each with its own Reactor and its own SO_REUSEPORT
+    listener (held by the supervisor across restarts and reloads, so no
+    queued connection is ever reset); a worker that dies is restarted (with
+    backoff).
+    On SIGTERM/SIGINT every worker stops accepting, lets open connections flush
+    their queued writes (``Reactor.shutdown``, at most ``drain_timeout`` s) and
+    exits 0.  SIGHUP (workers=N) reloads with zero downtime: a new generation
+    of workers starts, then the old one stops accepting and lets its
+    connections finish (at most ``drain_timeout`` s); no connection attempt is
+    refused meanwhile.  SIGQUIT alone does that retirement (stop accepting,
+    finish the connections, exit).
+    Socket activation: if systemd passed listening sockets (LISTEN_PID/LISTEN_FDS,
+    fds from 3) they are served instead of binding, and ``addr`` is ignored
+    (it may be None).
+    ``setup(reactor)`` runs in each worker before serving (timers, caches);
+    ``ready(address)`` is called once listening (in the supervisor for N > 1).
+    ``trace`` and ``slow_callback_ms`` go to each worker's Reactor.
+    Other keywords go to Acceptor (``proxy_protocol=True``, ``ssl=``, ...).
+    Main thread only (it installs signal handlers).
+    """
+    _check_int("workers", workers, 1)
+    _check_int("pollers", pollers, 1)
+    _check_delay("drain_timeout", drain_timeout)
+    if slow_callback_ms is not None:
+        _check_delay("slow_callback_ms", slow_callback_ms)
+    _pick_backend(backend)
+    if not callable(factory):
+        raise TypeError("factory must be callable, got %r" % (factory,))
+    socks = _listen_fds()
+    if not socks and addr is None:
+        raise ValueError("addr is required (systemd passed no listening sockets: LISTEN_FDS)")
+    reuse_port = acceptor_kw.pop("reuse_port", None)
+    if workers == 1:
+        return _serve_here(addr, factory, pollers, backend, drain_timeout, bool(reuse_port), ready,
+                           trace, setup, acceptor_kw, socks, slow_callback_ms=slow_callback_ms)
+    return _Supervisor(addr, factory, workers, pollers, backend, drain_timeout, trace, ready,
+                       setup, acceptor_kw, socks, reuse_port, slow_callback_ms).run()
+
+
 # =============================================================================
-# 14. The command line: python -m goev echo|http ADDR
+# 16. The command line: python -m goev echo|http ADDR
 # =============================================================================
 # The CLI is a thin user of the public API and doubles as the worked example
 # that closes the tour: an echo handler and a keep-alive HTTP handler with an

@@ -9,6 +9,7 @@ beyond generous timeouts.
 Run:  python -m pytest -q test_goev.py
 """
 
+import ast
 import base64
 import contextlib
 import errno
@@ -5342,7 +5343,7 @@ def test_tls_untrusted_certificate_reaches_on_connect_fail(make_reactor, server_
 
 def test_tls_client_handshake_timeout_and_stop(make_reactor, client_ctx):
     """A server that accepts but never answers: TimeoutError after
-    ssl_handshake_timeout; a stop mid-handshake gives ConnectionAbortedError."""
+    ssl_handshake_timeout_ms; a stop mid-handshake gives ConnectionAbortedError."""
     r = make_reactor(1)
     r.start()
     with socket.socket() as srv:
@@ -5350,7 +5351,7 @@ def test_tls_client_handshake_timeout_and_stop(make_reactor, client_ctx):
         srv.listen(8)
         h = TLSProbe(b"x")
         goev.Connector(r).connect(srv.getsockname(), h, 5000, ssl=client_ctx,
-                                  server_hostname="localhost", ssl_handshake_timeout=0.3)
+                                  server_hostname="localhost", ssl_handshake_timeout_ms=300)
         assert h.settled.wait(WAIT)
         assert h.outcome == ["fail"] and isinstance(h.err, TimeoutError), h.err
         h2 = TLSProbe(b"x")
@@ -9952,3 +9953,122 @@ def test_async_http_malformed_input_never_prints_a_traceback(backend):
             f = s.makefile("rb")
             assert read_response(f)[::2] == (200, b"/after")
             f.close()
+
+
+# =============================================================================
+# The file itself: two parts, each name defined before use
+# =============================================================================
+# goev.py is read top to bottom: Part I (the reactor) names nothing defined in
+# Part II (the extras), and no module-level name is used above its definition.
+
+GOEV_PY = os.path.join(HERE, "goev.py")
+PART_II_BANNER = "# PART II -- production extras"
+
+
+def _module_defs(tree):
+    """{name: line} of every module-level definition (first one wins)."""
+    defs = {}
+    for node in tree.body:
+        names = []
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [(a.asname or a.name).split(".")[0] for a in node.names]
+        else:
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Assign):
+                    names += [n.id for t in sub.targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+                elif isinstance(sub, ast.AnnAssign) and isinstance(sub.target, ast.Name):
+                    names.append(sub.target.id)
+                elif isinstance(sub, (ast.Import, ast.ImportFrom)):
+                    names += [(a.asname or a.name).split(".")[0] for a in sub.names]
+        for n in names:
+            defs.setdefault(n, node.lineno)
+    return defs
+
+
+def _name_uses(tree):
+    """(line, name) of every name loaded, annotations aside (they are not evaluated)."""
+    skip = set()
+    for n in ast.walk(tree):
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = n.args
+            for arg in a.posonlyargs + a.args + a.kwonlyargs + [a.vararg, a.kwarg]:
+                if arg is not None and arg.annotation is not None:
+                    skip.update(id(x) for x in ast.walk(arg.annotation))
+            if n.returns is not None:
+                skip.update(id(x) for x in ast.walk(n.returns))
+        elif isinstance(n, ast.AnnAssign):
+            skip.update(id(x) for x in ast.walk(n.annotation))
+    return [(n.lineno, n.id) for n in ast.walk(tree)
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and id(n) not in skip]
+
+
+def test_goev_py_defines_each_name_before_use():
+    """No module-level name is referenced on a line above its definition."""
+    with open(GOEV_PY) as f:
+        tree = ast.parse(f.read())
+    defs = _module_defs(tree)
+    early = sorted((line, name, defs[name]) for line, name in _name_uses(tree)
+                   if name in defs and line < defs[name])
+    assert not early, "used before defined (line, name, defined at): %r" % early
+
+
+def test_part_one_names_nothing_from_part_two():
+    """Part I (above the PART II banner) refers to no name Part II defines."""
+    with open(GOEV_PY) as f:
+        text = f.read()
+    assert text.count(PART_II_BANNER) == 1
+    cut = text[:text.index(PART_II_BANNER)].count("\n") + 1
+    tree = ast.parse(text)
+    part2 = {name for name, line in _module_defs(tree).items() if line > cut}
+    crossing = sorted((line, name) for line, name in _name_uses(tree) if line < cut and name in part2)
+    assert not crossing, "Part I names Part II: %r" % crossing
+
+
+PART_ONE_ECHO = r'''
+import socket, sys
+sys.path.insert(0, sys.argv[1])
+import goev
+assert not hasattr(goev, "ConnectPool") and not hasattr(goev, "serve")
+from goev import *
+class Echo(goev.IOHandle):
+    def on_read(self):
+        d = self.read()
+        if d is None:
+            return True
+        self.write(d)
+        return bool(d)
+with goev.Reactor(2, backend=sys.argv[2]) as r:
+    a = goev.Acceptor(r, "127.0.0.1:0", Echo)
+    r.start()
+    with socket.create_connection(a.address) as c:
+        c.sendall(b"part one")
+        got = b""
+        while len(got) < 8:
+            got += c.recv(100)
+    for kw in ({"trace": True},):
+        try:
+            goev.Reactor(1, **kw)
+        except RuntimeError as e:
+            print("refused:", e)
+    for kw in ({"proxy_protocol": True}, {"ssl": object()}):
+        try:
+            goev.Acceptor(r, "127.0.0.1:0", Echo, **kw)
+        except RuntimeError as e:
+            print("refused:", e)
+print(got.decode())
+'''
+
+
+def test_part_one_alone_is_a_working_reactor(backend, tmp_path):
+    """goev.py cut at the PART II banner imports and serves an echo round trip;
+    the extras it lacks are refused with a RuntimeError that says so."""
+    with open(GOEV_PY) as f:
+        text = f.read()
+    (tmp_path / "goev.py").write_text(text[:text.index(PART_II_BANNER)])
+    r = run_py(["-c", PART_ONE_ECHO, str(tmp_path), backend])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[-1] == "part one"
+    assert len([x for x in lines if x.startswith("refused:") and "Part II" in x]) == 3, r.stdout
