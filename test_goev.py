@@ -3725,8 +3725,8 @@ class Probe(goev.IOHandle):
 
     def on_close(self):
         self.events.append("close")
+        self.destroy()                 # first: a waiter may check fd == -1 at once
         self.closed_ev.set()
-        self.destroy()
 
 
 def _sockets_to(port):
