@@ -32,34 +32,64 @@ an inbox for work sent from other threads.  A handler is placed on
 ``poller[fd % N]`` when it is registered and stays there for life, so every
 callback of one handler runs on one thread, one at a time, and handlers need
 no locks.  Other threads talk to a handler only through ``async_write``,
-``close`` (both routed through the inbox when called off-thread once the
-reactor started, so they keep their call order), ``Reactor.post``/``post_to``
-and ``Reactor.call_later``.  One exception:
-``on_open`` runs on the thread that accepted or connected, *before* the
-handler is registered -- so register last in it (as the default does): from
-then on the handler's own poller may already be calling ``on_read``.  Under
-the GIL the pollers give concurrency, not parallelism: use
-``serve(workers=N)`` (several processes sharing a port) to use every core.
+``close`` (both routed through the inbox when called off-thread while the
+reactor runs, so they keep their call order), ``Reactor.post``/``post_to``
+and ``Reactor.call_later``.  One exception: ``on_open`` runs on the thread
+that accepted or connected, *before* the handler is registered -- so
+register last in it (as the default does): from then on the handler's own
+poller may already be calling ``on_read``.  Under the GIL the pollers give
+concurrency, not parallelism: use ``serve(workers=N)`` (several processes
+sharing a port) to use every core.
 
-How to read this file (top to bottom, each name defined before use)
----------------------------------------------------------------------
+A learner's path
+----------------
+To follow one request from the kernel to your handler and back, read these,
+in this order (section numbers below):
+
+  1. ``_Poller._loop`` (7): wait, run posted work, dispatch each event,
+     finish closes, run timers -- the reactor itself.
+  2. ``IOHandle.read`` (6): one readv into the poller's shared buffer.
+  3. ``IOHandle.write``, ``_enqueue``, ``_flush`` (6): send now, queue the
+     rest, arm EV_OUT; flush when writable; the water marks.
+  4. ``IOHandle._update`` (6): the one place that decides which events a
+     handler is registered for.
+  5. ``IOHandle.close`` and ``_close_now`` (6), ``_Poller._finish_closes`` (7):
+     leave the poller now, on_close and close(fd) at the end of the step.
+  6. ``_Poller._post`` and ``_drain_inbox`` (7): cross-thread work without a
+     lost wake-up.
+  7. ``_Poller._run_timers`` (7) and the 4-ary heap (5).
+  8. ``Reactor.add_handler``, ``run``, ``stop`` (8): placement and the life
+     cycle (NEW, RUNNING, STOPPING, CLOSING, DONE).
+  9. ``Acceptor.on_read`` (9) and ``Connector.connect`` (10).
+A first reading may skip: section 4's epoll notes past the first paragraph,
+the code under each ``# fast path:`` comment (the plain rule is written just
+above it), and all of Part II, which only attaches to hooks (section 7).
+
+Contents
+--------
+Part I, the reactor -- complete on its own:
  1. Imports, ``__all__``, ``__version__``
- 2. Constants, tunables, error sets and exceptions
+ 2. Constants, tunables, error sets and the poller life cycle
  3. Small helpers: addresses, sockets, logging
  4. Poller backends: epoll, selectors, and the waker
  5. The timer heap (4-ary) and ``Timer``
  6. ``IOHandle``: the handler base (callbacks, read, write, close)
- 7. ``_Poller``: one thread, one loop -- the heart of the reactor; and its
-    traced twin (trace mode: ``GOEV_TRACE=1`` prints every step)
+ 7. ``_Poller``: one thread, one loop; the hooks Part II attaches to; the
+    slow-callback watchdog
  8. ``Reactor``: N pollers, placement, start/stop, cross-thread posts
- 9. ``Acceptor``: listening sockets
+ 9. ``Acceptor``: listening sockets and the accept pipeline
 10. ``Connector``: non-blocking connects
-11. TLS: ``ssl.SSLObject`` over memory BIOs, the handshake, the class swap
-12. ``ConnectPool``: a pool of client connections
-13. ``serve()``: multi-process serving, supervised workers
-14. The command line: ``python -m goev echo|http ADDR``
+Part II, production extras (below the ``PART II`` banner):
+11. Trace mode: every step of the loop on stderr (``GOEV_TRACE=1``)
+12. TLS: ``ssl.SSLObject`` over memory BIOs, the handshake, the class swap
+13. The PROXY protocol: the client's address from a load balancer
+14. ``ConnectPool``: a pool of client connections
+15. ``serve()``: multi-process serving, supervised workers
+16. The command line: ``python -m goev echo|http ADDR``
 
-Linux uses epoll; other POSIX systems (and ``backend="selectors"``) use the
+Each name is defined before it is used, and Part I names nothing from Part
+II.  Durations are seconds unless the name ends in ``_ms``.  Linux uses
+epoll; other POSIX systems (and ``backend="selectors"``) use the
 ``selectors`` module with the same behaviour (not Windows: I/O goes through
 ``os.readv``/``os.write`` on fds).  CPython 3.9+.  MIT licence.
 """
@@ -107,7 +137,7 @@ __version__ = "0.1.0"
 
 
 # =============================================================================
-# 2. Constants, tunables, error sets and exceptions
+# 2. Constants, tunables, error sets and the poller life cycle
 # =============================================================================
 # The event bits are epoll's own, so the epoll backend passes them through
 # untouched; the selectors backend translates.  Every tunable has its reason.
@@ -123,7 +153,6 @@ _HUP_ERR = _EPOLLHUP | _EPOLLERR
 # Anything that means "go and read": data, peer FIN (RDHUP), hang-up, error.
 # Reading is how pending bytes get delivered before a FIN/RST is acted on.
 _IN_ANY = EV_IN | _EPOLLRDHUP | _EPOLLHUP | _EPOLLERR
-_IN_OUT = EV_IN | EV_OUT
 _EV_ALL = EV_IN | EV_OUT | EV_ET
 _EVENT_MASKS = frozenset(io | et for io in (EV_IN, EV_OUT, EV_IN | EV_OUT) for et in (0, EV_ET))  # valid ``events``
 
@@ -140,6 +169,8 @@ _VIEW_CACHE = 2048              # reads shorter than this get a view made once p
 _MAX_POLL_TIMEOUT = 86400.0     # epoll takes an int of ms: clamp far timers to a day
 _MAX_READ = 0x7FFFF000          # the most one Linux read() returns: a larger buffer is never filled
 _DRAIN_POLL = 0.01              # seconds between a shutdown's checks that a poller is empty
+_CLOSE_WAIT_POLL = 0.05         # Acceptor.close from another thread: how often it checks
+                                # whether the poller shut down (and so closed it) meanwhile
 _CANCEL_LOG_TRIM = 4096         # counted cancels kept before the log is trimmed (see _timeout)
 _COMPACT_MIN = 64               # lazily cancelled timers tolerated before compaction is considered
 _TLS_HANDSHAKE_TIMEOUT = 10.0   # seconds for a TLS handshake (asyncio: 60, generous to slowloris)
@@ -163,7 +194,6 @@ _STATE_NAMES = ("idle", "running", "stopping", "closing", "stopped")
 # accept() errors that mean "out of a resource, try again later".  Linux keeps
 # reporting the listener readable, so retrying at once would spin: pause instead.
 _ACCEPT_TRANSIENT = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
-# accept() errors about one aborted connection: skip it, keep accepting.
 # accept() errors about one connection that is gone (accept(2): "treat them
 # like EAGAIN by retrying"): skip it, keep accepting.  ENONET is Linux-only.
 _ACCEPT_SKIP = frozenset(getattr(errno, n) for n in (
@@ -678,8 +708,6 @@ class IOHandle:
                  "_user", "_mask", "_state", "_eof", "_paused", "_shut_wr", "_timer",
                  "_high", "_low", "dropped_bytes", "_watcher", "__weakref__")
 
-    _plain_update = True      # _update not overridden (TLS does): _add may skip it
-
     def __new__(cls, *args: Any, **kwargs: Any) -> "IOHandle":
         self = object.__new__(cls)
         self.fd = -1
@@ -924,16 +952,20 @@ class IOHandle:
     def _write_failed(self, e: OSError) -> None:
         """The peer is gone (EPIPE/ECONNRESET): drop the queue, close quietly."""
         self.error = e.with_traceback(None)
-        if self._wq:
-            self.dropped_bytes += self._wq_bytes
-            self._wq.clear()
-        self._wq_bytes = 0
+        self._drop_queue()
         self._eof = True
         if self.poller is not None:
             self._close_now()
         # else: not registered yet (a write in on_open); Reactor.add_handler aborts it
 
     # -- closing ------------------------------------------------------------------
+
+    def _drop_queue(self) -> None:
+        """Forget the unsent queue, counting its bytes in ``dropped_bytes``."""
+        if self._wq:
+            self.dropped_bytes += self._wq_bytes
+            self._wq.clear()
+        self._wq_bytes = 0
 
     def _posted_if_elsewhere(self, method: Callable[[], None]) -> bool:
         """Called off the owning poller's thread while its loop may run (see
@@ -968,10 +1000,7 @@ class IOHandle:
             return
         if self._state == _CLOSED:
             return
-        if self._wq:
-            self.dropped_bytes += self._wq_bytes
-            self._wq.clear()
-            self._wq_bytes = 0
+        self._drop_queue()
         s = self._socket()
         if s is not None and s.family != socket.AF_UNIX:
             try:
@@ -1050,10 +1079,8 @@ class IOHandle:
         a stale table entry that refuses the next handler given the same number."""
         if self._state != _CLOSED and self.poller is not None and self._sock is not None:
             self._close_now()
-        if self._wq:
-            self.dropped_bytes += self._wq_bytes
-            self._wq.clear()
-            self._wq_bytes = 0
+        if self._wq:                       # (mostly empty: skip the call)
+            self._drop_queue()
         sock, self._sock = self._sock, None
         if sock is not None:
             fd, self.fd = self.fd, -1
@@ -1163,7 +1190,7 @@ class IOHandle:
     @property
     def ssl_object(self) -> Any:
         """The ``ssl.SSLObject`` of a TLS connection (getpeercert(), version(),
-        cipher() ...), None for plaintext.  See section 11."""
+        cipher() ...), None for plaintext.  See section 12."""
         return None
 
     @property
@@ -1220,8 +1247,8 @@ class IOHandle:
             # Publish the mask *before* the syscall: with epoll, add_handler may run
             # on another thread (on_open on the acceptor's poller), and the owning
             # poller can dispatch the fd the instant epoll_ctl returns.  Seeing the
-            # old mask 0 there, an IN|HUP|ERR event (data then RST) was taken for
-            # "not reading" and aborted, losing the bytes that came before the RST.
+            # old mask 0 there, it would take an IN|HUP|ERR event (data, then a
+            # reset) for "not reading" and abort, losing the bytes before the RST.
             self._mask = want
             if not want:
                 try:
@@ -1248,13 +1275,14 @@ class IOHandle:
 
 
 # =============================================================================
-# 7. _Poller: one thread, one loop
+# 7. _Poller: one thread, one loop; the hooks; the slow-callback watchdog
 # =============================================================================
 # The loop, one pass:  wait (timeout = next timer, 0 if work is queued)
 #   -> drain the inbox (cross-thread work) in a bounded batch: first, so work
 #      posted before an event happened runs before that event's callback
-#   -> dispatch each event: OUT first (connect completion, flush), then IN
-#      (read pending data even on HUP/ERR), then HUP/ERR for non-readers
+#   -> dispatch each event: IN first while the handler reads (pending data is
+#      read even on HUP/ERR), then OUT (connect completion, flush), then
+#      HUP/ERR for a handler that neither reads nor flushes (abort)
 #   -> finish closes (on_close, then close(fd)) -> run due timers.
 # The event loop in _loop is the only place user I/O callbacks are called
 # (timers: _run_timers, posts: _drain_inbox); it catches Exception, logs it
@@ -1386,7 +1414,7 @@ class _Poller:
         self._readv, self._write, self._writev = os.readv, os.write, os.writev
         self._handlers: dict = {}           # fd -> IOHandle
         self._closing: list = []            # handlers closed this step: on_close pending
-        self._timers: list = []             # the 4-ary heap of (when, seq, Timer)
+        self._timers: list = []             # the 4-ary heap of Timers (section 5)
         self._cancels: list = []            # one item per Timer.cancel(), any thread (append is atomic)
         self._timers_gone = 0               # cancelled entries that have left the heap (poller thread)
         self._seq = 0
@@ -1443,7 +1471,7 @@ class _Poller:
         return self._mine._is_owned() or self._state == _NEW
 
     # -- cross-thread inbox -------------------------------------------------------
-    # No lost wake-up (the Go original's bug): producers append, *then* test
+    # No lost wake-up (the Go original can lose one): producers append, *then* test
     # the flag; the consumer clears the flag *before* it drains the inbox.  An
     # item appended after the clear sees the flag down and wakes us; one
     # appended before it is drained by the pass that follows.  The flag is
@@ -1463,9 +1491,9 @@ class _Poller:
         self._inbox.append((fn, args))
         if not self._wake_pending:
             self._wake_pending = True
-            self._waker.wake()
-            if self._observer is not None:
+            if self._observer is not None:      # (first: the poller may print next)
                 self._observer.posted(fn)
+            self._waker.wake()
         if self._state == _DONE:
             self._drop_inbox()
 
@@ -1494,7 +1522,7 @@ class _Poller:
         inbox = self._inbox
         obs = self._observer
         n = min(len(inbox), limit)
-        if obs is not None:
+        if obs is not None and n:
             obs.draining(n)
         for _ in range(n):
             fn, args = inbox.popleft()
@@ -1598,6 +1626,7 @@ class _Poller:
                     keep = False
                 if periodic:
                     self._rearm(t, now, keep)
+                t = None                       # done: an interrupt from here on spares it
         except BaseException:
             # KeyboardInterrupt/SystemExit from a callback: keep the periodic timer
             # that raised, put back the due ones that have not run yet, so that
@@ -1668,8 +1697,7 @@ class _Poller:
         """Seconds until the next live timer, 0 if work is queued, -1 for none.
         Once per pass, on the poller thread: also where the heap is compacted."""
         heap = self._timers
-        gone = self._timers_gone
-        dead = len(self._cancels) - gone
+        dead = self._timers_dead
         if dead > _COMPACT_MIN and dead * 2 > len(heap):
             self._compact()
         gone = self._timers_gone
@@ -1699,11 +1727,11 @@ class _Poller:
         """Register ``h`` for ``events`` (EV_IN/EV_OUT/EV_ET).  Thread: see Reactor.add_handler."""
         if self._state >= _STOPPING:
             raise RuntimeError("the reactor is stopping; cannot add %s" % _safe_repr(h))
-        h.poller = self
-        h._user = events & _EV_ALL
         old = self._handlers.get(fd)
         if old is not None and old is not h:
             raise ValueError("fd %d is already registered to %s" % (fd, _safe_repr(old)))
+        h.poller = self
+        h._user = events & _EV_ALL
         self._handlers[fd] = h
         if self._observer is not None:
             self._observer.added(h, fd, events)
@@ -1821,7 +1849,7 @@ class _Poller:
     # bytecodes.  A signal that lands just before poll() enters epoll_wait (the
     # C handler runs, nothing interrupts the syscall), or on another thread that
     # does not block it, would wait for the next I/O event: forever on an idle
-    # server, a SIGTERM seemingly ignored (the suite hit it under load).  With
+    # server, a SIGTERM seemingly ignored.  With
     # signal.set_wakeup_fd the C handler also writes the signal number into a
     # socket this loop polls; poll() returns and the handler runs.  A
     # socketpair, not the eventfd waker, which takes only 8-byte writes.
@@ -1832,7 +1860,7 @@ class _Poller:
             return
         try:
             r, w = socket.socketpair()
-        except OSError:                     # out of fds: run without (as before)
+        except OSError:                     # out of fds: run without it
             return
         r.setblocking(False)
         w.setblocking(False)
@@ -1843,6 +1871,8 @@ class _Poller:
             w.close()
             return
         self._sig = (r, w, old)
+        if self._observer is not None:
+            self._observer.say("fd %d: signal wake-up socket (signal.set_wakeup_fd)" % r.fileno())
         self._backend.register(r.fileno(), self._backend.native[EV_IN])
 
     def _signals_unwake(self) -> None:
@@ -1900,23 +1930,24 @@ class _Poller:
                         if not (h.on_read() if obs is None else obs.call(h, "on_read")):
                             h.close()
                         continue
-                    # Writable first: a connect completing, a queue to flush.
-                    if ev & EV_OUT:
+                    # Readable (or hung up) while reading: read first -- the bytes
+                    # that came before a FIN or a reset are delivered before a
+                    # flush can fail on that reset.  Then writable: a connect
+                    # completing, a queue to flush.
+                    reading = h._mask & EV_IN
+                    if reading and ev & _IN_ANY:
+                        if not (h.on_read() if obs is None else obs.call(h, "on_read")):
+                            h.close()
+                    if ev & EV_OUT and h._state != _CLOSED:
                         if not (h.on_write() if obs is None else obs.call(h, "on_write")):
                             h.close()
-                        if h._state:
-                            if h._state == _CLOSING and ev & _HUP_ERR:
-                                h.abort()       # the flush cannot complete
-                            continue
-                    if ev & _IN_ANY:
-                        if h._mask & EV_IN:
-                            if not (h.on_read() if obs is None else obs.call(h, "on_read")):
-                                h.close()
-                        elif ev & _HUP_ERR:     # not reading (paused/half-closed): gone
-                            if obs is not None:
-                                obs.say("fd %d: hang-up while not reading -> abort" % fd)
-                            h.error = h.error or ConnectionResetError(errno.ECONNRESET, "connection reset")
-                            h.abort()
+                        if h._state == _CLOSING and ev & _HUP_ERR:
+                            h.abort()           # the flush cannot complete
+                    if ev & _HUP_ERR and not reading and h._state == _OPEN:
+                        if obs is not None:     # neither reading nor flushing: gone
+                            obs.say("fd %d: hang-up while not reading -> abort" % fd)
+                        h.error = h.error or ConnectionResetError(errno.ECONNRESET, "connection reset")
+                        h.abort()
                 except Exception:
                     self._fault(h, "callback")
             if closing:
@@ -1933,15 +1964,18 @@ class _Poller:
         if self._state >= _CLOSING_ALL:
             return
         self._state = _CLOSING_ALL
-        try:
-            self._close_all_steps()
-        except BaseException:
-            # KeyboardInterrupt/SystemExit from an on_close (or posted work): finish
-            # the shutdown first -- handlers already closed are skipped -- then let
-            # it through.  Each retry gets past the callback that raised.
-            self._state = _STOPPING
-            self._close_all()
-            raise
+        # A KeyboardInterrupt/SystemExit from an on_close (or posted work) comes
+        # out once the shutdown is complete: the steps run again -- handlers
+        # already closed are skipped, so each pass gets past the one that raised.
+        interrupted: Optional[BaseException] = None
+        while True:
+            try:
+                self._close_all_steps()
+                break
+            except BaseException as e:
+                interrupted = interrupted or e
+        if interrupted is not None:
+            raise interrupted
 
     def _close_all_steps(self) -> None:
         self._drain_for_stop()
@@ -2328,15 +2362,16 @@ class Reactor:
 
 
 # =============================================================================
-# 9. Acceptor: listening sockets
+# 9. Acceptor: listening sockets and the accept pipeline
 # =============================================================================
 # An Acceptor is an IOHandle whose "read" is accept().  It accepts a bounded
 # batch per readiness, makes each connection non-blocking (TCP_NODELAY on
 # TCP: on Linux inherited from the listener), builds a handler with the
 # factory and calls its on_open.  When the process runs out of fds (EMFILE
 # & co.) it stops polling the listener and retries on a timer instead of
-# spinning on a listener that stays readable.  The two helpers first are the
-# two outcomes of every accept or connect (sections 10 and 11 use them too).
+# spinning on a listener that stays readable.  The helpers first: calling a
+# factory, and the two outcomes of every accept or connect (section 10 and
+# Part II's stages use them too).
 
 def _new_handler(factory: Callable[[], IOHandle], who: Any) -> Optional[IOHandle]:
     """Call a handler factory; None (logged, naming ``who``) if it raises or
@@ -2380,22 +2415,31 @@ def _connect_failed(h: IOHandle, err: BaseException) -> None:
         h._watcher._handler_failed(h, err)
 
 
-def _open_connected(h: IOHandle, sock: Any, peer: Any, prepare: Optional[Callable] = None) -> None:
-    """The good outcome of a connect (after its connect stage, if any): ``h``
-    takes ``sock`` and its on_open runs.  ``prepare(h)`` first, if given (a
-    TLS handler's class swap); if that raises, the connect fails instead."""
+def _take_socket(h: IOHandle, sock: Any, peer: Any, prepare: Optional[Callable]) -> bool:
+    """``h`` takes ``sock`` (``prepare(h)`` first, if given: a TLS handler's
+    class swap), and ``peer`` as its address unless None.  False, logged and
+    the socket closed, if prepare raised."""
     if prepare is not None:
         try:
             prepare(h)
-        except Exception as e:
+        except Exception:
             _log.exception("%s: cannot take the connection", _safe_repr(h))
             sock.close()
-            _connect_failed(h, ConnectionAbortedError(errno.ECONNABORTED, str(e)))
-            return
+            return False
     h._sock = sock
     h.fd = sock.fileno()
-    h.peer = peer
-    _open_handler(h)
+    if peer is not None:
+        h.peer = peer
+    return True
+
+
+def _open_connected(h: IOHandle, sock: Any, peer: Any, prepare: Optional[Callable] = None) -> None:
+    """The good outcome of a connect (after its connect stage, if any): ``h``
+    takes ``sock`` and its on_open runs; if ``prepare`` raised, it fails instead."""
+    if _take_socket(h, sock, peer, prepare):
+        _open_handler(h)
+    else:
+        _connect_failed(h, ConnectionAbortedError(errno.ECONNABORTED, "the handler could not take the socket"))
 
 
 def _unix_path_free(path: str) -> None:
@@ -2474,7 +2518,7 @@ class Acceptor(IOHandle):
     ``ssl=context`` (an ``ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)`` with its
     certificate loaded) serves TLS: on_open runs once the handshake is done;
     a handshake that fails or takes over ``ssl_handshake_timeout`` seconds is
-    closed and logged at DEBUG only (section 11).
+    closed and logged at DEBUG only (section 12).
 
     ``fd=N`` (with ``addr`` None) adopts an existing listening socket instead of
     binding one -- systemd socket activation, a parent process; see also
@@ -2663,18 +2707,8 @@ class Acceptor(IOHandle):
             conn.close()
             return
         h.reactor = self.conn_reactor
-        if prepare is not None:
-            try:
-                prepare(h)
-            except Exception:
-                _log.exception("%s: cannot take a new connection", _safe_repr(h))
-                conn.close()
-                return
-        h._sock = conn
-        h.fd = conn.fileno()
-        if peer is not None:
-            h.peer = peer
-        _open_handler(h)
+        if _take_socket(h, conn, peer, prepare):
+            _open_handler(h)
 
     def on_timeout(self, now_ms: int) -> bool:
         if self._retry:
@@ -2684,24 +2718,38 @@ class Acceptor(IOHandle):
         return False
 
     def close(self) -> None:
-        """Stop listening and close the socket (unlinks a unix socket path).  From a
-        thread other than the acceptor's poller it waits until the socket is closed."""
+        """Stop listening and close the socket (unlinks a unix socket path); any
+        thread.  From a thread that is not a poller's, it returns once the socket
+        is closed (or its poller is shutting down, which closes it).  From
+        another poller's callback it returns at once, the close posted: two
+        pollers waiting for each other would wait forever."""
         p = self.poller
         if p is not None and p._foreign():
+            if self.reactor.current_poller() is not None:
+                p._post(self.close)
+                return
+            if p._mine.acquire(blocking=False):     # no loop runs that poller now: as its thread
+                try:
+                    IOHandle.close(self)
+                    p._finish_closes()
+                finally:
+                    p._mine.release()
+                return
             done = threading.Event()
 
-            def _close() -> None:
+            def close_there() -> None:
                 try:
                     IOHandle.close(self)
                     p._finish_closes()
                 finally:
                     done.set()
-            p._post(_close)
-            done.wait(5.0)
+            p._post(close_there)
+            while not done.wait(_CLOSE_WAIT_POLL) and p._state < _CLOSING_ALL:
+                pass                                # (a poller shutting down closes it too)
             return
         IOHandle.close(self)
         if p is not None and not p._mine._is_owned():
-            p._finish_closes()
+            p._finish_closes()                      # no loop step will: now
 
     def on_close(self) -> None:
         self.destroy()
@@ -2726,6 +2774,17 @@ class Acceptor(IOHandle):
 # The outcome is always delivered from the poller's inbox or loop, never from
 # inside connect(), even when connect_ex() already knew it.  The target's
 # fd >= 0 marks it "connecting", so it cannot be connected twice at once.
+
+def _take_once(ticket: list) -> bool:
+    """True for exactly one caller, whichever thread: ``ticket`` is ``[True]``
+    and one list.pop() empties it (a single operation on the list, done under
+    its lock in a free-threaded build)."""
+    try:
+        ticket.pop()
+        return True
+    except IndexError:
+        return False
+
 
 class _Connecting(IOHandle):
     __slots__ = ("target", "addr", "_ticket", "_stage")
@@ -2771,11 +2830,7 @@ class _Connecting(IOHandle):
     def _take(self) -> bool:
         """True exactly once: the start of the connect is claimed either by the
         poller (``_start``) or by ``connect()`` when that poller has shut down."""
-        try:
-            self._ticket.pop()            # list.pop is atomic: one winner
-            return True
-        except IndexError:
-            return False
+        return _take_once(self._ticket)
 
 
     def _succeed(self) -> None:
@@ -3380,11 +3435,8 @@ class _TLSHandshake(IOHandle):
             hs._fail(ConnectionAbortedError(errno.ECONNABORTED, "reactor stopped"))
 
     def _take(self) -> bool:
-        try:
-            self._ticket.pop()             # list.pop is atomic: one winner
-            return True
-        except IndexError:
-            return False
+        """True exactly once: _begin on the poller, or launch() when it shut down."""
+        return _take_once(self._ticket)
 
     def _begin(self) -> None:
         if not self._take():
@@ -3998,6 +4050,27 @@ def _retire(reactor: Reactor, drain_timeout: float) -> None:
     reactor.pollers[0]._post(check)
 
 
+class _ListenerWatch:
+    """The watcher (section 7's hooks) of serve()'s acceptors: a listener that
+    closed with an error (accept() said it is unusable) ends the process with
+    exit status 1 -- under workers=N the supervisor then starts a new worker."""
+
+    def __init__(self, reactor: Reactor, drain_timeout: float) -> None:
+        self.reactor, self.drain_timeout, self.broken = reactor, drain_timeout, False
+
+    def _handler_opened(self, h: IOHandle) -> None:
+        pass
+
+    def _handler_failed(self, h: IOHandle, err: BaseException) -> None:
+        pass
+
+    def _handler_closed(self, h: IOHandle) -> None:
+        if h.error is not None and not self.broken:
+            self.broken = True
+            _log.error("%s: listener lost (%s); this process stops, exit status 1", _safe_repr(h), h.error)
+            self.reactor.shutdown(self.drain_timeout)
+
+
 def _serve_here(addr: Any, factory: Callable[[], IOHandle], pollers: int, backend: str,
                 drain_timeout: float, reuse_port: bool, ready: Optional[Callable], trace: Optional[bool],
                 setup: Optional[Callable], kw: dict, socks: Optional[list] = None,
@@ -4013,6 +4086,9 @@ def _serve_here(addr: Any, factory: Callable[[], IOHandle], pollers: int, backen
     except BaseException:
         reactor.stop()
         raise
+    watch = _ListenerWatch(reactor, drain_timeout)
+    for a in acceptors:
+        a._watcher = watch
 
     def hup(*_: Any) -> None:
         _log.warning("SIGHUP ignored: a reload needs supervised workers (serve(workers=N), --workers N)")
@@ -4034,7 +4110,7 @@ def _serve_here(addr: Any, factory: Callable[[], IOHandle], pollers: int, backen
         for sig, h in old.items():
             signal.signal(sig, h)
         reactor.stop()
-    return 0
+    return 1 if watch.broken else 0
 
 
 class _Supervisor:

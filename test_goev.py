@@ -10072,3 +10072,162 @@ def test_part_one_alone_is_a_working_reactor(backend, tmp_path):
     lines = r.stdout.splitlines()
     assert lines[-1] == "part one"
     assert len([x for x in lines if x.startswith("refused:") and "Part II" in x]) == 3, r.stdout
+
+
+# =============================================================================
+# accept() errors: skip, pause and retry, or close the listener
+# =============================================================================
+# Loopback cannot produce these errors, so a wrapper around the listening
+# socket injects them (accept(2): ENETDOWN & co. mean "that connection is
+# gone", EBADF/EINVAL/ENOTSOCK "this listener is unusable").
+
+class _FailingAccept:
+    """Stands in for an Acceptor's socket: its first ``times`` accepts raise OSError(code)."""
+
+    def __init__(self, sock, code, times):
+        self._s, self.code, self.left, self.calls = sock, code, times, 0
+
+    def __getattr__(self, name):
+        return getattr(self._s, name)
+
+    def _accept(self):
+        self.calls += 1
+        if self.left:
+            self.left -= 1
+            raise OSError(self.code, os.strerror(self.code))
+        return self._s._accept()
+
+
+def _failing_acceptor(make_reactor, code, times):
+    r = make_reactor(1)
+    a = goev.Acceptor(r, "127.0.0.1:0", Echo)
+    a._sock = _FailingAccept(a._sock, code, times)     # before start(): no loop yet
+    r.start()
+    return r, a
+
+
+@pytest.mark.parametrize("name", ["EHOSTUNREACH", "ENETUNREACH", "ENETDOWN", "EPROTO", "ENONET"])
+def test_accept_error_about_one_connection_is_skipped(make_reactor, goev_log, name):
+    """accept(2)'s "treat like EAGAIN" errors skip that connection and accept
+    again at once: the next pending connection is served, nothing is logged,
+    the listener stays open."""
+    if not hasattr(errno, name):
+        pytest.skip("%s is not defined on this OS" % name)
+    r, a = _failing_acceptor(make_reactor, getattr(errno, name), 1)
+    with socket.create_connection(a.address) as c:
+        c.sendall(b"still here")
+        assert recv_exact(c, 10) == b"still here"
+    assert a._sock.calls >= 2 and not a.closed
+    assert not [x for x in goev_log.records if x.levelno >= logging.WARNING]
+
+
+def test_accept_unexpected_error_pauses_and_logs_once(make_reactor, goev_log):
+    """An unexpected errno (EIO) logs one ERROR for the episode, pauses, retries
+    until accept works, then says how many calls failed; the connection that
+    waited is served."""
+    r, a = _failing_acceptor(make_reactor, errno.EIO, 3)
+    with socket.create_connection(a.address) as c:
+        c.sendall(b"waited")
+        assert recv_exact(c, 6) == b"waited"
+    errors = [x.getMessage() for x in goev_log.records if x.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "pausing" in errors[0] and "Input/output error" in errors[0], errors
+    wait_until(lambda: any("accepting again after 3 failed" in x.getMessage() for x in goev_log.records),
+               what="the end-of-episode line")
+    assert not a.closed
+
+
+def test_accept_emfile_episode_logged_once(make_reactor, goev_log):
+    """EMFILE (out of fds) is the same episode: one WARNING, then a count."""
+    r, a = _failing_acceptor(make_reactor, errno.EMFILE, 4)
+    with socket.create_connection(a.address) as c:
+        c.sendall(b"x")
+        assert recv_exact(c, 1) == b"x"
+    warnings = [x.getMessage() for x in goev_log.records if x.levelno == logging.WARNING]
+    wait_until(lambda: len([x for x in goev_log.records if x.levelno == logging.WARNING]) == 2,
+               what="the end-of-episode line")
+    warnings = [x.getMessage() for x in goev_log.records if x.levelno == logging.WARNING]
+    assert "Too many open files" in warnings[0] and "accepting again after 4 failed" in warnings[1], warnings
+
+
+@pytest.mark.parametrize("name", ["EBADF", "EINVAL", "ENOTSOCK"])
+def test_accept_error_on_an_unusable_listener_closes_it(make_reactor, goev_log, name):
+    """EBADF/EINVAL/ENOTSOCK: the listener is closed with an ERROR naming it."""
+    r, a = _failing_acceptor(make_reactor, getattr(errno, name), 1)
+    port = a.address[1]
+    socket.create_connection(("127.0.0.1", port)).close()
+    wait_until(lambda: a.closed and a.fd == -1, what="the listener to close")
+    assert isinstance(a.error, OSError) and a.error.errno == getattr(errno, name)
+    assert a.error.__traceback__ is None
+    errors = [x.getMessage() for x in goev_log.records if x.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "unusable" in errors[0], errors
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
+
+
+SERVE_BROKEN_LISTENER = r'''
+import errno, os, socket, sys, threading, goev
+class Echo(goev.IOHandle):
+    def on_read(self):
+        d = self.read()
+        if d:
+            self.write(d)
+        return d is None or bool(d)
+class Broken:
+    def __init__(self, s): self._s = s
+    def __getattr__(self, n): return getattr(self._s, n)
+    def _accept(self): raise OSError(errno.EBADF, "injected")
+def setup(r):
+    a = [h for h in r.pollers[0]._handlers.values() if isinstance(h, goev.Acceptor)][0]
+    a._sock = Broken(a._sock)
+def ready(addr):
+    threading.Thread(target=lambda: socket.create_connection(addr).close()).start()
+sys.exit(goev.serve("127.0.0.1:0", Echo, setup=setup, ready=ready, drain_timeout=1.0))
+'''
+
+
+def test_serve_exits_nonzero_when_its_listener_breaks(backend):
+    """Under serve() a listener closed by an accept() error ends the process
+    with exit status 1 (a supervisor would start a new worker)."""
+    r = run_py(["-c", SERVE_BROKEN_LISTENER], env={"GOEV_BACKEND": backend})
+    assert r.returncode == 1, r.stderr
+    assert "listener lost" in r.stderr and "Traceback" not in r.stderr
+
+
+class _BigWriterRecorder(goev.IOHandle):
+    """Queues a write the kernel cannot take at once (EV_OUT armed while
+    reading), and records what it reads."""
+    got = None
+
+    def on_open(self):
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        self.set_write_buffer_limits(high=64 << 20)        # reading is not paused
+        ok = super().on_open()
+        self.write(b"z" * (8 << 20))
+        return ok
+
+    def on_read(self):
+        data = self.read()
+        if data:
+            type(self).got.append(bytes(data))
+        return data is None or bool(data)
+
+    def on_close(self):
+        type(self).got.append(None)
+        super().on_close()
+
+
+def test_bytes_before_a_reset_are_read_while_a_flush_is_pending(make_reactor, npollers):
+    """A handler with queued writes (EV_OUT armed) and reading on: the peer
+    sends data, then resets.  The data is read before the failing flush
+    closes the handler (readable first when HUP/ERR is reported)."""
+    _BigWriterRecorder.got = []
+    r, a = echo_server(make_reactor, npollers, factory=_BigWriterRecorder)
+    c = socket.create_connection(a.address)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    wait_until(lambda: any(h.pending_write_bytes for p in r.pollers for h in list(p._handlers.values())
+                           if isinstance(h, _BigWriterRecorder)), what="a queued write")
+    c.sendall(b"hello")
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()                                             # RST, unread data and all
+    wait_until(lambda: None in _BigWriterRecorder.got, what="on_close")
+    assert b"".join(x for x in _BigWriterRecorder.got if x) == b"hello"
