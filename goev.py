@@ -172,6 +172,8 @@ _DRAIN_POLL = 0.01              # seconds between a shutdown's checks that a pol
 _CLOSE_WAIT_POLL = 0.05         # Acceptor.close from another thread: how often it checks
                                 # whether the poller shut down (and so closed it) meanwhile
 _CANCEL_LOG_TRIM = 4096         # counted cancels kept before the log is trimmed (see _timeout)
+_DRAIN_CHUNK = 4096             # bytes per read when emptying a waker or the signal socket
+_UNIX_PATH_MAX = 107            # sockaddr_un.sun_path is 108 bytes, its NUL included
 _COMPACT_MIN = 64               # lazily cancelled timers tolerated before compaction is considered
 _TLS_HANDSHAKE_TIMEOUT = 10.0   # seconds for a TLS handshake (asyncio: 60, generous to slowloris)
 _PROXY_TIMEOUT = 5.0            # seconds a new connection may take to send its PROXY header
@@ -282,8 +284,8 @@ def parse_address(addr: Union[str, tuple], *, resolve: bool = True) -> tuple:
                 raise ValueError("empty or NUL-containing unix address %r" % addr)
             if path.startswith("@"):
                 path = "\0" + path[1:]
-            if len(path.encode()) > 107:
-                raise ValueError("unix socket path too long (max 107 bytes): %r" % addr)
+            if len(path.encode()) > _UNIX_PATH_MAX:
+                raise ValueError("unix socket path too long (max %d bytes): %r" % (_UNIX_PATH_MAX, addr))
             return socket.AF_UNIX, path
         host, sep, port_s = addr.rpartition(":")
         if not sep or not port_s:
@@ -354,6 +356,15 @@ def _safe_repr(obj: object) -> str:
         return repr(obj)
     except Exception:                     # a user __repr__ must not hide the real error
         return "<%s object at %#x>" % (type(obj).__name__, id(obj))
+
+
+def _bare(e: Any) -> Any:
+    """``e`` without its traceback and chained exceptions: a stored error
+    (``handler.error``) must not keep alive the frames it was raised in, which
+    hold the handler, until a full garbage collection."""
+    e.__traceback__ = None
+    e.__context__ = e.__cause__ = None
+    return e
 
 
 def _oserror(code: int, what: str = "") -> OSError:
@@ -535,7 +546,7 @@ class _Waker:
 
     def drain(self) -> None:
         try:
-            while os.read(self.fd, 4096):
+            while os.read(self.fd, _DRAIN_CHUNK):
                 if self._pair is None:
                     break
         except OSError:
@@ -771,15 +782,14 @@ class IOHandle:
         except BlockingIOError:
             return None
         except OSError as e:                    # a reset: end of stream, with the reason kept
-            self.error = e.with_traceback(None) # (a traceback would keep this handler alive)
+            self.error = _bare(e)               # (see _bare: no traceback kept)
             n = 0
         if n:
             # The answer is the buffer's first n bytes: p._rview[:n].
             # fast path: one view per length, made once and handed out again:
             # slicing allocates a GC-tracked object, the largest cost of a small
-            # read.  8.6 % of a 64-byte echo's instructions (bench/icount.py:
-            # 5,892 with, 6,396 without), and the long-read view 3.6 % of a
-            # 16 KiB echo's (6,607 with, 6,844 without).  A view a user
+            # read.  Pays 8.6 % of a 64-byte echo's instructions, and the
+            # long-read view 3.6 % of a 16 KiB echo's.  A view a user
             # release()d raises ValueError: then a new one is made.
             if n < _VIEW_CACHE:
                 try:
@@ -825,7 +835,7 @@ class IOHandle:
         if p is None:                     # not registered yet (a write in on_open)
             write = _os_write
         # fast path: p._direct() written out -- the call's frame cost 6 % of an
-        # echo's instructions (bench/icount.py: 6,289 -> 5,912 per message).
+        # echo's instructions.
         elif p._mine._is_owned() or p._state == _NEW:
             write = p._write
         else:
@@ -951,7 +961,7 @@ class IOHandle:
 
     def _write_failed(self, e: OSError) -> None:
         """The peer is gone (EPIPE/ECONNRESET): drop the queue, close quietly."""
-        self.error = e.with_traceback(None)
+        self.error = _bare(e)
         self._drop_queue()
         self._eof = True
         if self.poller is not None:
@@ -981,7 +991,7 @@ class IOHandle:
         """Flush the send queue, then close; idempotent; from any thread."""
         # fast path: _posted_if_elsewhere(self.close) written out, the usual
         # answer (on the poller's thread) first: 2.5 % of an accept's
-        # instructions (bench/icount.py: 37,327 with, 38,291 without).
+        # instructions.
         p = self.poller
         if p is not None and not p._mine._is_owned() and p._foreign():
             p._post(self.close)
@@ -1777,7 +1787,7 @@ class _Poller:
             what = "waker readable (drained)"
         elif sig is not None and fd == sig[0].fileno():
             try:
-                while sig[0].recv(512):
+                while sig[0].recv(_DRAIN_CHUNK):
                     pass
             except OSError:                 # (BlockingIOError: drained)
                 pass
@@ -1804,7 +1814,7 @@ class _Poller:
         if self._observer is not None:
             self._observer.say("fd %d: %s raised -> logged, handler closed" % (h.fd, type(h).__name__))
         if h.error is None and e is not None:
-            h.error = e.with_traceback(None)
+            h.error = _bare(e)
         if h._state != _CLOSED:
             h._close_now()
 
@@ -1925,7 +1935,7 @@ class _Poller:
                     # rules below give the same answer.
                     # fast path: one int compare instead of the bit tests below:
                     # 9 % of an echo's instructions, 3.8 % of an accept's
-                    # (bench/icount.py: 5,892 / 35,292 with, 6,430 / 36,638 without).
+                    # (each gain: bench/icount.py, CPython 3.11, this path removed).
                     if h._mask == EV_IN:
                         if not (h.on_read() if obs is None else obs.call(h, "on_read")):
                             h.close()
@@ -2406,7 +2416,7 @@ def _connect_failed(h: IOHandle, err: BaseException) -> None:
     """The other outcome of a connect (or of a client's TLS handshake): the
     handler gets ``on_connect_fail(err)``, once, and never an fd."""
     h.fd = -1
-    h.error = err.with_traceback(None)
+    h.error = _bare(err)
     try:
         h.on_connect_fail(h.error)
     except Exception:
@@ -2617,12 +2627,16 @@ class Acceptor(IOHandle):
 
     @property
     def address(self) -> Any:
-        """The bound address as getsockname() gives it (the path for unix sockets)."""
+        """The bound address as getsockname() gives it: ``(host, port)`` for IPv4,
+        ``(host, port, flow, scope)`` for IPv6, the path for unix sockets, and
+        ``"@name"`` for a Linux abstract name (as ``"unix:@name"`` is written)."""
         if self._sock is None:
             return None
         a = self._sock.getsockname()
         if isinstance(a, bytes):
             a = a.decode(errors="replace")
+        if isinstance(a, str) and a.startswith("\0"):
+            a = "@" + a[1:]
         return a
 
     def on_read(self) -> bool:
@@ -2646,7 +2660,7 @@ class Acceptor(IOHandle):
                 if e.errno in _ACCEPT_FATAL:     # the listener itself is unusable
                     _log.error("%s: accept failed (%s): the listener is unusable and is closed",
                                _safe_repr(self), e)
-                    self.error = e.with_traceback(None)
+                    self.error = _bare(e)
                     return False
                 self._accept_failing(e)          # EMFILE & co., or unexpected: pause, retry
                 break
@@ -2665,8 +2679,8 @@ class Acceptor(IOHandle):
                 continue
             # fast path: a plain connection needs no socket object at all (its I/O is
             # fd-level): the bare fd (see _BareFd), made non-blocking by one ioctl.
-            # 8.1 % of an accept's instructions (bench/icount.py: 35,292 with,
-            # 38,394 with a socket object per connection, as above).
+            # 8.1 % of an accept's instructions (against a socket object per
+            # connection, as above).
             set_blocking(fd, False)
             h = _new_handler(factory, self)
             if h is None:
@@ -2871,7 +2885,7 @@ class Connector:
         if not isinstance(reactor, Reactor):
             raise TypeError("reactor must be a Reactor, got %r" % (reactor,))
         self.reactor = reactor
-        self.rcvbuf = _check_int("rcvbuf", rcvbuf, 0)
+        self.rcvbuf = _check_int("rcvbuf", rcvbuf, 0, _INT_MAX)
 
     def __repr__(self) -> str:
         return "<goev.Connector on %r>" % (self.reactor,)
@@ -3273,7 +3287,7 @@ class _TLSMixin(IOHandle):
                     if not isinstance(e, _ssllib.SSLEOFError):
                         t.notified = True          # no close_notify after a fatal error
                         if self.error is None:
-                            self.error = e
+                            self.error = _bare(e)
                         _log.debug("%s: TLS error: %s", _safe_repr(self), e)
                 if t.outgoing.pending:             # a key update or an alert to answer
                     IOHandle.write(self, t.outgoing.read())
@@ -3292,7 +3306,7 @@ class _TLSMixin(IOHandle):
             except BlockingIOError:
                 return None
             except OSError as e:
-                self.error = e
+                self.error = _bare(e)
                 n = 0
             if n:
                 incoming.write(view[:n])
@@ -3358,6 +3372,17 @@ class _TLSMixin(IOHandle):
 
     def _reset_transport(self) -> None:
         self.__class__ = _TLS_PLAIN.get(type(self), type(self))
+
+    def _abandon(self) -> None:
+        """The reactor stops: close_notify too, as close() sends it (one last
+        non-blocking flush; a peer that does not read misses it)."""
+        self._tls_close_notify()
+        if self._wq and self.error is None:
+            try:
+                self._flush()
+            except Exception:
+                pass
+        IOHandle._abandon(self)
 
     def _update(self) -> None:
         # Plaintext may be waiting in the BIOs when reading (re)starts -- sent
@@ -3979,6 +4004,9 @@ _RESTART_BACKOFF_MIN = 0.1   # seconds before restarting a worker that died youn
 _RESTART_BACKOFF_MAX = 5.0   # ... doubling up to this while it keeps dying young
 _WORKER_YOUNG = 1.0          # a worker that ran less than this counts as a crash loop
 _RETIRE_POLL = 0.05          # a retiring worker checks this often whether its connections are gone
+_KILL_GRACE = 5.0            # seconds past drain_timeout before a worker that will not exit is killed
+_TICK_BUSY = 0.02            # the supervisor's wait for a signal while a generation starts or retires
+_TICK_IDLE = 0.2             # ... and otherwise (it also reads the workers' "ready" pipe then)
 
 
 def _listen_fds(unset: bool = True) -> list:
@@ -4007,11 +4035,14 @@ def _listen_fds(unset: bool = True) -> list:
 
 
 def _sock_address(sock: socket.socket) -> Any:
-    """What ready() reports: (host, port) for TCP, the path for unix sockets."""
+    """What ready() reports: (host, port) for TCP, the path for unix sockets,
+    "@name" for an abstract one."""
     a = sock.getsockname()
     if isinstance(a, bytes):
-        return a.decode(errors="replace")
-    return a if isinstance(a, str) else tuple(a[:2])
+        a = a.decode(errors="replace")
+    if isinstance(a, str):
+        return "@" + a[1:] if a.startswith("\0") else a
+    return tuple(a[:2])
 
 
 def _listen(reactor: Reactor, addr: Any, factory: Callable[[], IOHandle], reuse_port: bool,
@@ -4208,7 +4239,7 @@ class _Supervisor:
             while self.children or (not stopping and self.restart_at):
                 waiting = not self._generation_ready() or any(
                     c[2] < self.gen and pid not in self._retiring for pid, c in self.children.items())
-                info = signal.sigtimedwait(sigs, 0.02 if waiting else 0.2)
+                info = signal.sigtimedwait(sigs, _TICK_BUSY if waiting else _TICK_IDLE)
                 self._read_ready()
                 if not stopping and self._generation_ready():
                     if not self._announced:
@@ -4219,11 +4250,11 @@ class _Supervisor:
                     for pid, (_, _, gen) in self.children.items():
                         if gen < self.gen and pid not in self._retiring:
                             os.kill(pid, signal.SIGQUIT)
-                            self._retiring[pid] = _monotonic() + self.drain_timeout + 5.0
+                            self._retiring[pid] = _monotonic() + self.drain_timeout + _KILL_GRACE
                 signo = None if info is None else info.si_signo
                 if signo in (signal.SIGTERM, signal.SIGINT) and not stopping:
                     stopping = True
-                    kill_at = _monotonic() + self.drain_timeout + 5.0
+                    kill_at = _monotonic() + self.drain_timeout + _KILL_GRACE
                     self.restart_at.clear()
                     for pid in self.children:
                         os.kill(pid, signal.SIGTERM)

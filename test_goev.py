@@ -1526,11 +1526,13 @@ def test_unix_socket_path(make_reactor, tmp_path):
 
 
 def test_unix_socket_abstract(make_reactor):
-    """unix:@name binds the abstract namespace (no file); address is the
-    connectable "\\0name"; close() really stops listening."""
+    """unix:@name binds the abstract namespace (no file); address is "@name",
+    as the API writes it ("unix:" + address binds or connects the same name);
+    close() really stops listening."""
     name = "goev-test-%d-%d" % (os.getpid(), random.getrandbits(32))
     r, a = echo_server(make_reactor, 1, addr="unix:@" + name)
-    assert a.address == "\0" + name
+    assert a.address == "@" + name
+    assert goev.parse_address("unix:" + a.address) == (socket.AF_UNIX, "\0" + name)
     _unix_echo("\0" + name)
     a.close()
     with socket.socket(socket.AF_UNIX) as c:
@@ -10231,3 +10233,96 @@ def test_bytes_before_a_reset_are_read_while_a_flush_is_pending(make_reactor, np
     c.close()                                             # RST, unread data and all
     wait_until(lambda: None in _BigWriterRecorder.got, what="on_close")
     assert b"".join(x for x in _BigWriterRecorder.got if x) == b"hello"
+
+
+# -- hardening: what outside probes broke ---------------------------------------------
+
+def test_bad_sizes_are_value_errors_naming_the_limit(make_reactor):
+    """Sizes beyond what the kernel takes are ValueErrors that name the value and
+    the limit, not MemoryError/OverflowError/TypeError, and leave no fd."""
+    before = _fd_count()
+    with pytest.raises(ValueError, match="read_buffer_size must be <= 2147479552"):
+        goev.Reactor(1, read_buffer_size=2 ** 50)
+    r = make_reactor(1)
+    with pytest.raises(ValueError, match="backlog must be <= 2147483647"):
+        goev.Acceptor(r, "127.0.0.1:0", Echo, backlog=2 ** 40)
+    with pytest.raises(ValueError, match="rcvbuf must be <= 2147483647"):
+        goev.Acceptor(r, "127.0.0.1:0", Echo, rcvbuf=2 ** 40)
+    with pytest.raises(ValueError, match="rcvbuf"):
+        goev.Connector(r, rcvbuf=2 ** 40)
+    r.stop()
+    assert _fd_count() == before
+
+
+def test_failed_reactor_construction_leaks_no_fd(monkeypatch):
+    """A poller whose construction fails half-way (here: its waker) closes what
+    it opened; the pollers made before it are closed too."""
+    made = []
+    real = goev._Waker
+
+    def flaky():
+        if made:
+            raise OSError(errno.EMFILE, "injected")
+        made.append(1)
+        return real()
+    monkeypatch.setattr(goev, "_Waker", flaky)
+    before = _fd_count()
+    for _ in range(20):
+        made.clear()
+        with pytest.raises(OSError, match="injected"):
+            goev.Reactor(3)
+    assert _fd_count() == before
+
+
+class _Resetter(goev.IOHandle):
+    made = None
+
+    def on_open(self):
+        type(self).made.append(weakref.ref(self))
+        return super().on_open()
+
+
+def test_reset_handlers_are_freed_by_reference_counting(make_reactor):
+    """A handler ended by a reset keeps its error without the traceback (which
+    would hold the frames that hold the handler): with the garbage collector
+    off, it is freed as soon as goev lets go of it."""
+    _Resetter.made = []
+    r, a = echo_server(make_reactor, 1, factory=_Resetter)
+    gc.disable()
+    try:
+        for _ in range(20):
+            c = socket.create_connection(a.address)
+            c.sendall(b"x")
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.close()
+        wait_until(lambda: len(_Resetter.made) == 20, what="20 connections")
+        wait_until(lambda: len(r.pollers[0]._handlers) == 1, what="every reset one closed")
+        # (each check posts a no-op: see the TLS test below)
+        wait_until(lambda: (r.post(lambda: None), all(w() is None for w in _Resetter.made))[1],
+                   what="the reset handlers to be freed without a collection")
+    finally:
+        gc.enable()
+
+
+def test_failed_tls_handshakes_are_freed_by_reference_counting(make_reactor, server_ctx):
+    """A handshake that fails (garbage, then a reset) holds an SSLObject; with
+    the garbage collector off it is freed as soon as goev lets go of it."""
+    r, a = echo_server(make_reactor, 1, ssl=server_ctx)
+
+    def handshakes():
+        return [o for o in gc.get_objects() if type(o) is goev._TLSHandshake]
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(20):
+            c = socket.create_connection(a.address)
+            c.sendall(b"\x16\x03\x01\x00\x05hello")        # a broken ClientHello
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.close()
+        wait_until(lambda: len(r.pollers[0]._handlers) == 1, what="every handshake closed")
+        # Each check posts a no-op: the wake-up makes the loop drop its reference
+        # to the last handler it dispatched (see _Poller._loop).
+        wait_until(lambda: (r.post(lambda: None), handshakes() == [])[1],
+                   what="the failed handshakes to be freed without a collection")
+    finally:
+        gc.enable()
