@@ -10326,3 +10326,14 @@ def test_failed_tls_handshakes_are_freed_by_reference_counting(make_reactor, ser
                    what="the failed handshakes to be freed without a collection")
     finally:
         gc.enable()
+
+
+def test_reactor_stop_sends_tls_close_notify(make_reactor, server_ctx, client_ctx, npollers):
+    """Reactor.stop() ends a TLS connection with close_notify, as close() does:
+    the client sees a clean end of stream, not a truncation (ragged EOF)."""
+    r, a = echo_server(make_reactor, npollers, ssl=server_ctx)
+    with tls_connect(a.address, client_ctx, suppress_ragged_eofs=False) as c:
+        c.sendall(b"ping")
+        assert recv_exact(c, 4) == b"ping"
+        r.stop(timeout=WAIT)
+        assert c.recv(10) == b""          # SSLEOFError here would be a ragged EOF
