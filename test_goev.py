@@ -4839,9 +4839,7 @@ def test_cli_http_workers_and_help():
 
 # -- trace mode ------------------------------------------------------------------------
 
-TRACE_SCRIPT = r'''
-import socket, sys, goev
-
+ECHO_SRC = '''
 class Echo(goev.IOHandle):
     def on_read(self):
         d = self.read()
@@ -4849,7 +4847,11 @@ class Echo(goev.IOHandle):
             return True
         self.write(d)
         return bool(d)
+'''    # the README's echo handler, for the child scripts below
 
+TRACE_SCRIPT = r'''
+import socket, sys, goev
+''' + ECHO_SRC + r'''
 r = goev.Reactor(1, trace=True if sys.argv[1] == "on" else None)
 a = goev.Acceptor(r, "127.0.0.1:0", Echo)
 r.start()
@@ -10034,13 +10036,7 @@ sys.path.insert(0, sys.argv[1])
 import goev
 assert not hasattr(goev, "ConnectPool") and not hasattr(goev, "serve")
 from goev import *
-class Echo(goev.IOHandle):
-    def on_read(self):
-        d = self.read()
-        if d is None:
-            return True
-        self.write(d)
-        return bool(d)
+''' + ECHO_SRC + r'''
 with goev.Reactor(2, backend=sys.argv[2]) as r:
     a = goev.Acceptor(r, "127.0.0.1:0", Echo)
     r.start()
