@@ -2875,6 +2875,62 @@ class _Connecting(IOHandle):
         _connect_failed(h, err)
 
 
+_RESOLVING = -2                 # handler.fd while its host name is being looked up
+_RESOLVER_THREADS = 4           # lookups at once (more wait their turn): one stuck
+                                # lookup holds one thread, not the others
+_RESOLVER_IDLE = 1.0            # seconds an idle resolver thread waits before it exits
+
+
+class _Resolver:
+    """getaddrinfo() on threads of its own, so that a slow DNS server never
+    blocks a poller.  Threads start when there is work and exit after
+    _RESOLVER_IDLE seconds without any: none lingers after the last lookup,
+    and a forked child (serve()'s workers) starts with a fresh resolver."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._jobs: collections.deque = collections.deque()
+        self._threads = 0               # running
+        self._idle = 0                  # ... of which waiting for a job
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run ``job()`` on a resolver thread; any thread."""
+        with self._cond:
+            self._jobs.append(job)
+            if self._idle:
+                self._cond.notify()
+            elif self._threads < _RESOLVER_THREADS:
+                self._threads += 1
+                threading.Thread(target=self._work, name="goev-resolver", daemon=True).start()
+
+    def _work(self) -> None:
+        if hasattr(signal, "pthread_sigmask"):        # as a poller thread: see _thread_main
+            signal.pthread_sigmask(signal.SIG_BLOCK, _THREAD_BLOCKED_SIGNALS)
+        while True:
+            with self._cond:
+                while not self._jobs:
+                    self._idle += 1
+                    woken = self._cond.wait(_RESOLVER_IDLE)
+                    self._idle -= 1
+                    if not woken and not self._jobs:
+                        self._threads -= 1
+                        return
+                job = self._jobs.popleft()
+            job()
+
+
+_resolver = _Resolver()
+
+
+def _fresh_resolver() -> None:
+    global _resolver
+    _resolver = _Resolver()          # the parent's threads do not exist in a forked child
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_resolver)
+
+
 class Connector:
     """Makes outgoing connections for handlers on ``reactor``.
 
@@ -2893,8 +2949,10 @@ class Connector:
     def connect(self, addr: Union[str, tuple], handler: IOHandle, timeout_ms: float, *, ssl: Any = None,
                 server_hostname: Optional[str] = None,
                 ssl_handshake_timeout_ms: float = _TLS_HANDSHAKE_TIMEOUT * 1000) -> None:
-        """Connect ``handler`` to ``addr`` without blocking (host names are resolved
-        here, in the calling thread, which may block).  Any thread.
+        """Connect ``handler`` to ``addr`` without blocking; any thread.  A host
+        name is looked up on a resolver thread, never on a poller; the lookup
+        counts in ``timeout_ms``, and its failure (socket.gaierror naming the
+        host) reaches ``on_connect_fail``.
 
         Exactly one of ``handler.on_open()`` or ``handler.on_connect_fail(err)``
         follows on the poller thread, always after connect() has returned (even
@@ -2915,12 +2973,12 @@ class Connector:
         """
         if not isinstance(handler, IOHandle):
             raise TypeError("handler must be an IOHandle, got %r" % (handler,))
-        if handler._sock is not None or handler.poller is not None or handler.fd >= 0:
+        if handler._sock is not None or handler.poller is not None or handler.fd != -1:
             raise ValueError("%s is already open, connecting or registered" % _safe_repr(handler))
         timeout = _check_delay("timeout_ms", timeout_ms)
         if self.reactor.pollers[0]._state >= _STOPPING:
             raise RuntimeError("reactor is stopped")
-        family, sockaddr = parse_address(addr)
+        family, sockaddr = parse_address(addr, resolve=False)
         if family != socket.AF_UNIX and sockaddr[1] == 0:
             raise ValueError("cannot connect to port 0 in %r" % (addr,))
         stage = None
@@ -2929,6 +2987,61 @@ class Connector:
                 server_hostname = _host_of(addr) or None
             stage = _extra("tls_client")(ssl, server_hostname, ssl_handshake_timeout_ms)
         handler._reset_transport()
+        handler.reactor = self.reactor
+        handler.error = None                  # from a failed attempt: _add would abort on it
+        if family == socket.AF_UNSPEC:        # a host name: look it up first
+            self._resolve(addr, sockaddr, handler, timeout, stage)
+        else:
+            self._connect_to(family, sockaddr, addr, handler, timeout, stage)
+
+    def _resolve(self, addr: Any, hostport: tuple, handler: IOHandle, timeout: float, stage: Any) -> None:
+        """Look ``hostport`` up on a resolver thread; then, on poller 0, connect
+        with what is left of ``timeout`` (ms), or report the failure."""
+        p = self.reactor.pollers[0]
+        handler.fd = _RESOLVING
+        ticket = [True]                       # one outcome: the lookup's, or the timeout's
+        deadline = _monotonic() + timeout / 1000.0 if timeout else math.inf
+        timer: list = []
+
+        def lookup() -> None:                 # a resolver thread
+            host, port = hostport
+            try:
+                info = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+                result: Any = (info[0][0], info[0][4])
+            except OSError as e:
+                result = socket.gaierror(e.errno, "%s: %r" % (e.strerror, host))
+            p._post(resolved, result)
+            if p._state >= _CLOSING_ALL and _take_once(ticket):   # nobody will run resolved
+                _connect_failed(handler, ConnectionAbortedError(errno.ECONNABORTED, "reactor stopped"))
+
+        def resolved(result: Any) -> None:    # poller 0
+            if not _take_once(ticket):
+                return
+            if timer:
+                timer[0].cancel()
+            handler.fd = -1
+            if isinstance(result, BaseException):
+                _connect_failed(handler, result)
+                return
+            left = 0.0 if not timeout else max(1.0, (deadline - _monotonic()) * 1000.0)
+            try:
+                self._connect_to(result[0], result[1], addr, handler, left, stage)
+            except Exception as e:
+                _connect_failed(handler, e)
+
+        def timed_out() -> None:              # poller 0: the lookup is still running
+            if _take_once(ticket):
+                _connect_failed(handler, _oserror(errno.ETIMEDOUT, "looking up %s" % (hostport[0],)))
+
+        if deadline != math.inf:
+            timer.append(p._call_at(deadline, 0.0, timed_out, ()))
+        _resolver.submit(lookup)
+
+    def _connect_to(self, family: int, sockaddr: Any, addr: Any, handler: IOHandle, timeout: float,
+                    stage: Any) -> None:
+        """Start the connect to a resolved ``sockaddr``; the outcome follows on
+        the poller that will own the socket.  Raises RuntimeError if that poller
+        has shut down."""
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
@@ -2945,8 +3058,6 @@ class Connector:
         c.fd = handler.fd = sock.fileno()     # handler.fd >= 0 marks it "connecting"
         c._ticket = [True]
         c._stage = stage
-        handler.reactor = self.reactor
-        handler.error = None                  # from a failed attempt: _add would abort on it
         p = self.reactor._poller_for(c.fd)
         # Always posted, even from p's own thread: on_open/on_connect_fail must
         # never run inside connect() (the caller's state may be half updated).
@@ -3799,7 +3910,7 @@ class ConnectPool:
     Maintenance runs every ``keep_interval_ms`` on poller 0 of the connector's
     reactor.  ``close()`` closes every connection and stops maintenance (a
     connect still in flight is closed as soon as it opens).  A host name in
-    ``addr`` is resolved on each connect, on poller 0: prefer a numeric address.
+    ``addr`` is looked up on each connect, on a resolver thread (see Connector).
     """
 
     def __init__(self, connector: Connector, addr: Union[str, tuple], factory: Callable[[], IOHandle],
@@ -3818,7 +3929,7 @@ class ConnectPool:
         ki = _check_delay("keep_interval_ms", keep_interval_ms)
         if not 0 < ki < math.inf:
             raise ValueError("keep_interval_ms must be > 0 and finite, got %r" % (keep_interval_ms,))
-        parse_address(addr)                       # fail now on a malformed address
+        parse_address(addr, resolve=False)        # fail now on a malformed address
         self.connector = connector
         self.addr = addr
         self.factory = factory

@@ -10333,3 +10333,67 @@ def test_reactor_stop_sends_tls_close_notify(make_reactor, server_ctx, client_ct
         assert recv_exact(c, 4) == b"ping"
         r.stop(timeout=WAIT)
         assert c.recv(10) == b""          # SSLEOFError here would be a ragged EOF
+
+
+# -- host names are looked up off the pollers --------------------------------------------
+
+class _SlowDNS:
+    """A stand-in for socket.getaddrinfo: "slow.test" takes ``delay`` seconds,
+    "fast.test" answers at once, "gone.test" does not resolve (127.0.0.1 otherwise)."""
+
+    def __init__(self, delay):
+        self.delay, self.real, self.release = delay, socket.getaddrinfo, threading.Event()
+
+    def __call__(self, host, port, *a, **kw):
+        if host == "slow.test":
+            self.release.wait(self.delay)
+        elif host == "gone.test":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        if host.endswith(".test"):
+            host = "127.0.0.1"
+        return self.real(host, port, *a, **kw)
+
+
+class _Outcome(goev.IOHandle):
+    def __init__(self):
+        self.done = threading.Event()
+        self.result = None
+
+    def on_open(self):
+        self.result = "open"
+        self.done.set()
+        return super().on_open()
+
+    def on_connect_fail(self, err):
+        self.result = err
+        self.done.set()
+
+
+def test_host_names_are_resolved_off_the_pollers(make_reactor, monkeypatch, npollers):
+    """A stuck lookup delays neither the pollers (an echo keeps answering) nor
+    another lookup; the lookup counts in timeout_ms (TimeoutError while it is
+    still running); a name that does not resolve reaches on_connect_fail as a
+    socket.gaierror naming the host."""
+    dns = _SlowDNS(WAIT)
+    monkeypatch.setattr(goev.socket, "getaddrinfo", dns)
+    r, a = echo_server(make_reactor, npollers)
+    port = a.address[1]
+    conn = goev.Connector(r)
+    stuck, late, fast, gone = _Outcome(), _Outcome(), _Outcome(), _Outcome()
+    try:
+        conn.connect("slow.test:%d" % port, stuck, 0)          # no timeout: waits for the lookup
+        conn.connect("slow.test:%d" % port, late, 300)         # gives up after 300 ms
+        conn.connect("fast.test:%d" % port, fast, 5000)
+        conn.connect("gone.test:%d" % port, gone, 5000)
+        with socket.create_connection(a.address) as c:          # the pollers are free
+            c.sendall(b"still serving")
+            assert recv_exact(c, 13) == b"still serving"
+        assert fast.done.wait(WAIT) and fast.result == "open"
+        assert gone.done.wait(WAIT) and isinstance(gone.result, socket.gaierror)
+        assert "gone.test" in str(gone.result)
+        assert late.done.wait(WAIT) and isinstance(late.result, TimeoutError)
+        assert not stuck.done.is_set()                        # the lookup is still running
+    finally:
+        dns.release.set()
+    assert stuck.done.wait(WAIT) and stuck.result == "open"
+    assert late.result.__class__ is TimeoutError              # one outcome only
