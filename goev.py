@@ -686,6 +686,15 @@ _EMPTY_VIEW = memoryview(b"")
 _os_write = os.write      # the fd-level I/O of a poller that is not tracing (see _Poller)
 
 
+def _closes(h: "IOHandle", keep: Any) -> bool:
+    """Does ``keep``, what on_read/on_write returned, close the handler?  False
+    closes (after the flush).  None -- a function without a return statement --
+    keeps the connection, except after end of stream (read() returned empty and
+    polling for input stopped): then it closes too.  Return True to keep a
+    half-closed connection open for writing."""
+    return keep is False or keep is None and h._eof
+
+
 class _BareFd:
     """The ``_sock`` of a handler that owns its fd without a socket object.
 
@@ -732,19 +741,25 @@ class IOHandle:
 
     # -- callbacks (override these) ------------------------------------------
 
-    def on_open(self) -> bool:
+    def on_open(self) -> Optional[bool]:
         """After accept/connect, before registration, on the acceptor's or connector's
-        poller thread.  Default: register EV_IN on ``self.reactor``.  False closes."""
+        poller thread.  Default: register EV_IN on ``self.reactor``.  False closes.
+        An override that returns None (a greeting, say) and registers nothing is
+        registered for EV_IN by goev; one that registered the handler itself (on
+        any reactor, for any events) or closed it is left as it is."""
         self.reactor.add_handler(self, self.fd, EV_IN)
         return True
 
-    def on_read(self) -> bool:
-        """The fd is readable (or hung up).  Default: read and discard; False at EOF."""
-        data = self.read()
-        return data is None or bool(data)
+    def on_read(self) -> Optional[bool]:
+        """The fd is readable (or hung up).  Default: read and discard.  Return
+        False to close (after the flush); None keeps the connection, except at
+        end of stream, where it closes too (True keeps a half-closed one)."""
+        self.read()
+        return None
 
-    def on_write(self) -> bool:
-        """The fd is writable.  Default: flush the send queue (keep this if you override)."""
+    def on_write(self) -> Optional[bool]:
+        """The fd is writable.  Default: flush the send queue (keep this if you
+        override).  False closes; None or True keep."""
         return self._flush()
 
     def on_timeout(self, now_ms: int) -> bool:
@@ -1937,7 +1952,8 @@ class _Poller:
                     # 9 % of an echo's instructions, 3.8 % of an accept's
                     # (each gain: bench/icount.py, CPython 3.11, this path removed).
                     if h._mask == EV_IN:
-                        if not (h.on_read() if obs is None else obs.call(h, "on_read")):
+                        keep = h.on_read() if obs is None else obs.call(h, "on_read")
+                        if not keep and (keep is False or keep is None and h._eof):   # _closes
                             h.close()
                         continue
                     # Readable (or hung up) while reading: read first -- the bytes
@@ -1946,10 +1962,10 @@ class _Poller:
                     # completing, a queue to flush.
                     reading = h._mask & EV_IN
                     if reading and ev & _IN_ANY:
-                        if not (h.on_read() if obs is None else obs.call(h, "on_read")):
+                        if _closes(h, h.on_read() if obs is None else obs.call(h, "on_read")):
                             h.close()
                     if ev & EV_OUT and h._state != _CLOSED:
-                        if not (h.on_write() if obs is None else obs.call(h, "on_write")):
+                        if _closes(h, h.on_write() if obs is None else obs.call(h, "on_write")):
                             h.close()
                         if h._state == _CLOSING and ev & _HUP_ERR:
                             h.abort()           # the flush cannot complete
@@ -2116,8 +2132,6 @@ class Reactor:
             _check_int("fd", fd, 0)
         if not isinstance(events, int) or events not in _EVENT_MASKS:
             raise ValueError("events must combine EV_IN/EV_OUT (and EV_ET), got %r" % (events,))
-        if self.pollers[0]._state >= _STOPPING:
-            raise RuntimeError("reactor is stopped")
         if handler.poller is not None and handler._state != _CLOSED:
             raise ValueError("%s is already registered" % _safe_repr(handler))
         if poller is None:
@@ -2128,6 +2142,8 @@ class Reactor:
             if poller >= len(self.pollers):
                 raise ValueError("poller %d out of range (reactor has %d)" % (poller, len(self.pollers)))
             p = self.pollers[poller]
+        if p._state >= _STOPPING:
+            raise RuntimeError("reactor is stopped")
         handler.reactor = self
         if handler.fd != fd:
             handler.fd = fd
@@ -2397,18 +2413,27 @@ def _new_handler(factory: Callable[[], IOHandle], who: Any) -> Optional[IOHandle
 
 
 def _open_handler(h: IOHandle) -> None:
-    """Call on_open; on False or an exception the handler is closed (on_close once)."""
+    """Call on_open; on False or an exception the handler is closed (on_close
+    once).  A handler that on_open left open and registered nowhere is
+    registered for EV_IN (see IOHandle.on_open)."""
     try:
         ok = h.on_open()
     except Exception:
         _log.exception("exception in on_open of %s", _safe_repr(h))
         ok = False
-    if not ok and h._state != _CLOSED:
-        if h.poller is None:
-            h._close_now()
-        else:
-            h.close()
-    elif ok and h._watcher is not None:
+    if ok is not False and h.poller is None and h._state == _OPEN:
+        try:
+            h.reactor.add_handler(h, h.fd, EV_IN)
+        except Exception:
+            _log.exception("cannot register %s after its on_open", _safe_repr(h))
+            ok = False
+    if ok is False:
+        if h._state != _CLOSED:
+            if h.poller is None:
+                h._close_now()
+            else:
+                h.close()
+    elif h._watcher is not None:
         h._watcher._handler_opened(h)
 
 
@@ -3221,9 +3246,9 @@ class _Tracer(_Observer):
         fd = h.fd
         self.say("fd %d: %s.%s()" % (fd, type(h).__name__, method))
         keep = super().call(h, method)
-        if not keep:
-            self.say("fd %d: %s returned %r -> close (after flushing %d queued bytes)"
-                     % (fd, method, keep, h._wq_bytes))
+        if _closes(h, keep):
+            self.say("fd %d: %s returned %r%s -> close (after flushing %d queued bytes)"
+                     % (fd, method, keep, " at end of stream" if keep is None else "", h._wq_bytes))
         return keep
 
     def added(self, h: IOHandle, fd: int, events: int) -> None:
@@ -3510,7 +3535,7 @@ class _TLSMixin(IOHandle):
         if self._state or not self._mask & EV_IN:
             return
         try:
-            if not self.on_read():
+            if _closes(self, self.on_read()):
                 self.close()
         except Exception:
             self.poller._fault(self, "on_read")

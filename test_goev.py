@@ -10397,3 +10397,92 @@ def test_host_names_are_resolved_off_the_pollers(make_reactor, monkeypatch, npol
         dns.release.set()
     assert stuck.done.wait(WAIT) and stuck.result == "open"
     assert late.result.__class__ is TimeoutError              # one outcome only
+
+
+# -- what a callback returns; on_open that registers nothing -----------------------------
+
+class _NoReturnEcho(goev.IOHandle):
+    """The handler a Python programmer writes first: no return statement."""
+    closed = None
+
+    def on_read(self):
+        data = self.read()
+        if data:
+            self.write(data)
+
+    def on_close(self):
+        type(self).closed.set()
+        super().on_close()
+
+
+def test_on_read_returning_none_keeps_the_connection_until_end_of_stream(make_reactor, npollers):
+    """None keeps the connection (many reads), and closes it after end of stream."""
+    _NoReturnEcho.closed = threading.Event()
+    r, a = echo_server(make_reactor, npollers, factory=_NoReturnEcho)
+    with socket.create_connection(a.address) as c:
+        for i in range(3):
+            c.sendall(b"round %d" % i)
+            assert recv_exact(c, 7) == b"round %d" % i
+        assert not _NoReturnEcho.closed.is_set()
+        c.shutdown(socket.SHUT_WR)
+        assert _NoReturnEcho.closed.wait(WAIT)
+        c.settimeout(WAIT)
+        assert c.recv(10) == b""
+
+
+class _HalfCloseAnswer(goev.IOHandle):
+    """At end of stream, answers and returns True: the half-closed connection stays."""
+
+    def on_read(self):
+        data = self.read()
+        if data is not None and not data:
+            self.write(b"bye")
+            self.call_me = self.reactor.call_later(0.05, self.close)
+            return True
+
+
+def test_on_read_true_at_end_of_stream_keeps_a_half_closed_connection(make_reactor):
+    r, a = echo_server(make_reactor, 1, factory=_HalfCloseAnswer)
+    with socket.create_connection(a.address) as c:
+        c.shutdown(socket.SHUT_WR)
+        assert recv_all(c) == b"bye"
+
+
+class _Greeter(goev.IOHandle):
+    """on_open writes a greeting and returns None: goev registers it for reading."""
+
+    def on_open(self):
+        self.write(b"hello\n")
+
+    def on_read(self):
+        data = self.read()
+        if data:
+            self.write(data)
+
+
+class _SelfRegistering(goev.IOHandle):
+    """on_open registers the handler itself (EV_IN | EV_OUT) and returns None."""
+
+    def on_open(self):
+        self.reactor.add_handler(self, self.fd, goev.EV_IN | goev.EV_OUT)
+
+    def on_write(self):
+        self.write(b"ready\n")
+        self.reactor.remove_event(self.fd, goev.EV_OUT)
+
+    def on_read(self):
+        data = self.read()
+        if data:
+            self.write(data)
+
+
+@pytest.mark.parametrize("factory, first", [(_Greeter, b"hello\n"), (_SelfRegistering, b"ready\n")])
+def test_on_open_returning_none(make_reactor, npollers, goev_log, factory, first):
+    """An on_open that returns None and registers nothing is registered for
+    EV_IN by goev; one that registered itself is left alone (no error)."""
+    r, a = echo_server(make_reactor, npollers, factory=factory)
+    with socket.create_connection(a.address) as c:
+        assert recv_exact(c, len(first)) == first
+        c.sendall(b"echo")
+        assert recv_exact(c, 4) == b"echo"
+    assert not goev_log.errors()
