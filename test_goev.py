@@ -4319,7 +4319,9 @@ def test_pool_release_foreign_and_double(make_reactor):
         other.release(h)
         with pytest.raises(ValueError, match="already"):
             other.release(h)
-        assert other.idle == 1
+        # h is idle once, not twice; acquire() may have started a refill
+        # (min_idle 1), which can have added a second connection meanwhile.
+        assert list(other._idle).count(h) == 1 and other.idle <= 2
     finally:
         pool.close()
         other.close()
