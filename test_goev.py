@@ -10488,3 +10488,26 @@ def test_on_open_returning_none(make_reactor, npollers, goev_log, factory, first
         c.sendall(b"echo")
         assert recv_exact(c, 4) == b"echo"
     assert not goev_log.errors()
+
+
+class _SlowOpenClose(goev.IOHandle):
+    def on_open(self):
+        time.sleep(0.25)                        # the blocked callbacks under test
+        return super().on_open()
+
+    def on_close(self):
+        time.sleep(0.25)
+        super().on_close()
+
+
+def test_slow_callback_watchdog_names_on_close_and_the_accept(make_reactor, goev_log):
+    """on_close is named as itself; a slow on_open holds the callback that
+    accepted the connection, and that one is named."""
+    r = make_reactor(1, slow_callback_ms=100)
+    a = goev.Acceptor(r, "127.0.0.1:0", _SlowOpenClose)
+    r.start()
+    socket.create_connection(a.address).close()
+    wait_until(lambda: len([x for x in goev_log.records if x.levelno == logging.WARNING]) >= 2,
+               what="two warnings")
+    names = [x.getMessage().split()[0] for x in goev_log.records if x.levelno == logging.WARNING]
+    assert "Acceptor.on_read" in names and "_SlowOpenClose.on_close" in names, names
