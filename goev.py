@@ -110,6 +110,7 @@ import logging
 import math
 import operator
 import os
+import re
 import select
 import selectors
 import signal
@@ -4543,10 +4544,46 @@ class _EchoHandler(IOHandle):
 
 
 _HTTP_MAX_HEADER = 8192       # a request head larger than this is refused (400)
+_HTTP_MAX_DIGITS = 18         # Content-Length digits (int() refuses above 4300; 10**18 bytes is enough)
+_HTTP_MAX_CHUNK_LINE = 4096   # a chunk-size line with its extensions
+_HTTP_TIMEOUTS = (10.0, 60.0)  # (head, idle) seconds: see _HttpHandler.on_timeout; None disables one
 _HTTP_BODY = b"Hello, World!"
-_HTTP_400 = (b"HTTP/1.1 400 Bad Request\r\nServer: goev\r\nContent-Length: 11\r\n"
-             b"Connection: close\r\n\r\nBad Request")
 _HTTP_METHODS = frozenset((b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"))
+_HTTP_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def _http_error(status: bytes) -> bytes:
+    """A complete error response; every one closes the connection, and says so."""
+    reason = status.split(b" ", 1)[1]
+    return (b"HTTP/1.1 " + status + b"\r\nServer: goev\r\nContent-Length: " + str(len(reason)).encode()
+            + b"\r\nConnection: close\r\n\r\n" + reason)
+
+
+_HTTP_400 = _http_error(b"400 Bad Request")
+_HTTP_408 = _http_error(b"408 Request Timeout")
+_HTTP_501 = _http_error(b"501 Not Implemented")
+_HTTP_505 = _http_error(b"505 HTTP Version Not Supported")
+_HTTP_BAD = (_HTTP_400, None, False, 0, False)              # _http_request's error results
+_HTTP_NOT_IMPLEMENTED = (_HTTP_501, None, False, 0, False)
+_HTTP_BAD_VERSION = (_HTTP_505, None, False, 0, False)
+
+# RFC 9110 §5.6.2 token; field-value bytes are VCHAR, obs-text, SP and HTAB only
+# (so no NUL, no bare CR or LF, no other control byte).  A fullmatch of _HTTP_HEAD
+# (request line, then "\r\nname: value" lines) also refuses a line without a
+# colon, whitespace before the colon (RFC 9112 §5.1) and obs-fold (§5.2).
+_HTTP_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_HTTP_VALUE = rb"[\t\x20-\x7e\x80-\xff]*"
+_HTTP_HEAD = re.compile(b"(" + _HTTP_TCHAR + rb"+) [\x21-\x7e\x80-\xff]+ HTTP/([0-9])\.([0-9])"
+                        rb"((?:\r\n" + _HTTP_TCHAR + rb"+:" + _HTTP_VALUE + rb")*)")
+_HTTP_NEVER = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")   # in no head: refused at once
+_HTTP_FIELD_LINE = re.compile(_HTTP_TCHAR + rb"+:" + _HTTP_VALUE)
+# The fields that decide framing and persistence, in a validated, lowercased block.
+_HTTP_WANTED = re.compile(rb"\r\n(content-length|transfer-encoding|connection|host|expect):[ \t]*([^\r]*)")
+_HTTP_HOST = re.compile(rb"[a-z0-9\-._~!$&'()*+,;=%:\[\]]*")      # uri-host [":" port], lowercased
+# chunk-size [chunk-ext] (RFC 9112 §7.1.1): at most 16 hex digits, extensions skipped.
+_HTTP_CHUNK_SIZE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*" + _HTTP_TCHAR + rb"+(?:[ \t]*=[ \t]*(?:" + _HTTP_TCHAR
+    + rb'+|"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"))?)*')
 
 
 def _http_date() -> bytes:
@@ -4558,10 +4595,20 @@ def _http_response(date: bytes) -> bytes:
             b"Date: " + date + b"\r\n\r\n" + _HTTP_BODY)
 
 
-def _http_setup(reactor: Reactor) -> None:
+def _http_variant(resp: bytes, head: bool, connection: bytes) -> bytes:
+    """The canned 200 with a Connection field added and/or without its body (HEAD:
+    the same fields, Content-Length 13 included, RFC 9110 §9.3.2)."""
+    cut = len(resp) - len(_HTTP_BODY) - 2          # just after the Date field's CRLF
+    return resp[:cut] + connection + (b"\r\n" if head else b"\r\n" + _HTTP_BODY)
+
+
+def _http_setup(reactor: Reactor, header_timeout: Optional[float] = _HTTP_TIMEOUTS[0],
+                idle_timeout: Optional[float] = _HTTP_TIMEOUTS[1]) -> None:
     """Keep the Date header (and the whole canned response) in every poller's
-    cache, refreshed once a second by a timer on poller 0 (Go: PollSyncCache)."""
+    cache, refreshed once a second by a timer on poller 0 (Go: PollSyncCache);
+    put the timeouts (seconds; 0 or None: none) there for the handlers."""
     reactor.init_cache("http_response", _http_response(_http_date()))
+    reactor.init_cache("http_timeouts", (header_timeout or None, idle_timeout or None))
 
     def refresh() -> None:
         reactor.sync_cache("http_response", _http_response(_http_date()))
@@ -4569,19 +4616,167 @@ def _http_setup(reactor: Reactor) -> None:
     reactor.call_later(1.0 - time.time() % 1.0 + 0.001, refresh)
 
 
+def _http_request(head: bytes, resp: bytes) -> tuple:
+    """Parse one request head (without its final CRLF CRLF).  Returns (error, answer,
+    keep, body, expect): ``error`` a complete error response or None; else
+    ``answer`` the 200 to send, ``keep`` whether the connection stays open after
+    it, ``body`` the Content-Length or -1 for a chunked body, ``expect`` whether
+    the client waits for a 100 Continue before sending that body."""
+    m = _HTTP_HEAD.fullmatch(head)
+    if m is None:
+        return _HTTP_BAD
+    method, major, minor, fields = m.groups()
+    if major != b"1":
+        return _HTTP_BAD_VERSION
+    http11 = minor != b"0"                         # HTTP/1.x, x >= 1: as 1.1 (RFC 9110 §6.2)
+    lengths, codings, tokens, hosts, expect = [], [], [], 0, False
+    if fields:
+        for name, value in _HTTP_WANTED.findall(fields.lower()):
+            if name == b"host":
+                hosts += 1
+                if _HTTP_HOST.fullmatch(value.rstrip()) is None:
+                    return _HTTP_BAD
+            elif name == b"connection":
+                tokens += value.split(b",")
+            elif name == b"content-length":
+                lengths += value.split(b",")
+            elif name == b"transfer-encoding":
+                codings += value.split(b",")
+            else:
+                expect = value.strip() == b"100-continue"
+    if hosts != 1 and (hosts or http11):           # RFC 9112 §3.2
+        return _HTTP_BAD
+    body = 0
+    if codings:                                    # RFC 9112 §6.1, §6.3
+        if lengths or not http11:
+            return _HTTP_BAD
+        codings = [c for c in (c.strip() for c in codings) if c]
+        if any(c != b"chunked" for c in codings):
+            return _HTTP_NOT_IMPLEMENTED
+        if len(codings) != 1:                      # none, or chunked twice
+            return _HTTP_BAD
+        body = -1
+    elif lengths:                                  # one value, maybe repeated (RFC 9112 §6.3)
+        values = {v.strip() for v in lengths}
+        v = values.pop()
+        if values or not v.isdigit() or len(v) > _HTTP_MAX_DIGITS:
+            return _HTTP_BAD
+        body = int(v)
+    if method not in _HTTP_METHODS:
+        return _HTTP_NOT_IMPLEMENTED
+    if tokens:
+        tokens = {t.strip() for t in tokens}
+    if b"close" in tokens:
+        keep, connection = False, b"Connection: close\r\n"
+    elif http11:
+        keep, connection = True, b""
+    elif b"keep-alive" in tokens:                  # HTTP/1.0 keep-alive: echoed
+        keep, connection = True, b"Connection: keep-alive\r\n"
+    else:
+        keep, connection = False, b"Connection: close\r\n"
+    if connection or method == b"HEAD":
+        resp = _http_variant(resp, method == b"HEAD", connection)
+    return None, resp, keep, body, expect and http11 and body != 0
+
+
 class _HttpHandler(IOHandle):
     """Keep-alive "Hello, World!" with an incremental parser: requests may be split
     across reads or pipelined many per read (answered in order, in one write);
-    Content-Length bodies are skipped; ``Connection: close`` and HTTP/1.0 close after
-    the answer; malformed input or an oversized head gets a 400 and a close."""
-    __slots__ = ("_buf", "_skip")
-    _known = b"\0"                       # see the fast path in on_read (never a valid request)
+    Content-Length and chunked bodies are read and dropped (the answer follows the
+    body); ``Connection: close`` and HTTP/1.0 close after the answer; malformed
+    input or an oversized head gets an error and a close.  A head not complete
+    within the head timeout, and a connection idle for the idle timeout, are
+    closed (see on_timeout)."""
+    __slots__ = ("_buf", "_skip", "_chunk", "_pend", "_t", "_h")
+    _known = b""                         # see the fast path in on_read (b"": none learned yet)
 
     def __new__(cls, *a: Any, **kw: Any) -> "_HttpHandler":
         self = IOHandle.__new__(cls)
-        self._buf = None                 # unparsed bytes carried over to the next read
-        self._skip = 0                   # body bytes still to skip
+        # Unparsed bytes carried to the next read.  None exactly when the connection
+        # is between requests with nothing pending (the fast path's condition); b""
+        # inside a body or before the first request.
+        self._buf = b""
+        self._skip = 0                   # body (or chunk-data) bytes still to drop
+        self._chunk = 0                  # chunked body: 1 size line, 2 CRLF after data, 3 trailers
+        self._pend = None                # (answer, keep) held until the request's body is in
+        self._t = 0.0                    # monotonic time of the last read (or of on_open); 0.0:
+        #                                  a read since the last timer check (the fast path)
+        self._h = 0.0                    # ... at which the head being received began; 0: none
         return self
+
+    def on_open(self) -> bool:
+        # The first timer is set before registering: on_open runs on the
+        # acceptor's thread, and once registered the handler's own poller may
+        # already be running on_read (schedule_timer is for the poller's thread).
+        # _call_at is thread-safe, and the placement is add_handler's.
+        r = self.reactor
+        p = r.pollers[self.fd % len(r.pollers)]
+        head, idle = p.cache.get("http_timeouts", _HTTP_TIMEOUTS)
+        self._t = self._h = now = _monotonic()
+        if head or idle:
+            self._timer = p._call_at(now + (head or idle), 0.0, self._fire_timer, ())
+        r.add_handler(self, self.fd, EV_IN)
+        return True
+
+    def on_timeout(self, now_ms: int) -> bool:
+        """One timer per connection, set for the earliest deadline that can apply;
+        when it fires early (the connection moved on) it is set again.  While a
+        head is being received the deadline is its start + the head timeout (on a
+        new connection, from on_open); otherwise, between requests or inside a
+        body, the last read + the idle timeout.  A read through the parser costs
+        one clock reading and no timer operation, unless a head starts or ends
+        (see _arm: the timer moves only if it is set for later than the new
+        deadline).  The fast path does not even read the clock: it sets ``_t``
+        to 0.0, "active since the last check", and the check counts from its
+        own time.  A connection closing with answers still queued (its peer
+        does not read them) gets the same time again to take them, then is
+        aborted."""
+        head, idle = self.poller.cache.get("http_timeouts", _HTTP_TIMEOUTS)
+        now = _monotonic()
+        if self._state:                        # closing, answers still queued
+            limit = idle or head
+            if not self._t:
+                self._t = now
+            if now >= self._t + limit:
+                self.abort()
+            else:
+                self.schedule_timer((self._t + limit - now) * 1000.0)
+            return False
+        if self._h and head:
+            deadline = self._h + head
+        elif not idle:
+            deadline = math.inf
+        elif not self._t:                      # the fast path answered since the last check:
+            self._t = now                      # count the idle time from now, and look again
+            self.schedule_timer(idle * 250.0)  # in a quarter of the timeout (a close comes
+            return False                       # at most idle * 1.25 after the last read)
+        else:
+            deadline = self._t + idle
+        if now >= deadline:
+            if self._wq_bytes:                 # it does not even read its answers
+                self.abort()
+                return False
+            if self._h and self._buf:          # a part of a head came: say why
+                self.write(_HTTP_408)
+            self.close()
+            if self._state == _CLOSING:        # the 408 is queued: bound its flush too
+                self._t = now
+                self.schedule_timer((idle or head) * 1000.0)
+            return False
+        if deadline == math.inf:
+            self._timer = None
+        else:
+            self.schedule_timer((deadline - now) * 1000.0)
+        return False
+
+    def _arm(self, head: bool, now: float) -> None:
+        """A head (``head``) or an idle time (not ``head``) began at ``now``: make
+        the timer fire by its deadline if it is set for later (or not set)."""
+        timeout = self.poller.cache.get("http_timeouts", _HTTP_TIMEOUTS)[0 if head else 1]
+        if timeout:
+            t = self._timer
+            if t is None or t.cancelled or t.when > now + timeout:
+                self.schedule_timer(timeout * 1000.0)
 
     def on_read(self) -> bool:
         view = self.read()
@@ -4589,7 +4784,8 @@ class _HttpHandler(IOHandle):
             return True
         if not view:
             return False
-        if self._buf is None:
+        buf = self._buf
+        if buf is None:
             data = bytes(view)
             # Fast path: clients repeat the same request bytes, and the same bytes
             # parse the same way.  ``_known`` is the last head the full parser below
@@ -4597,76 +4793,151 @@ class _HttpHandler(IOHandle):
             # that head, or k copies of it (pipelining), is answered with one
             # comparison.  Anything else goes through the parser.
             known = _HttpHandler._known
-            if data == known and not self._skip:
+            if data == known:
+                self._t = 0.0                  # "active": see on_timeout (no clock read here)
                 self.write(self.poller.cache["http_response"])
                 return True
-            if known and not self._skip and len(data) % len(known) == 0 and data == known * (len(data) // len(known)):
+            if known and len(data) % len(known) == 0 and data == known * (len(data) // len(known)):
+                self._t = 0.0
                 self.write(self.poller.cache["http_response"] * (len(data) // len(known)))
                 return True
         else:
-            self._buf += view
-            data = bytes(self._buf)
-            self._buf = None
+            data = buf + view if buf else bytes(view)
+        return self._parse(data, bool(buf))
+
+    def _parse(self, data: bytes, carried: bool) -> bool:
+        """The full parser: ``data`` is every unparsed byte, ``carried`` whether some
+        came from an earlier read.  Returns False to close (after the answers)."""
+        now = self._t = _monotonic()
+        resp = self.poller.cache["http_response"]
         n = len(data)
-        pos = self._skip                     # body bytes of the previous request still due
-        if pos >= n:
-            self._skip = pos - n
-            return True
-        self._skip = 0
-        out = first = 0
+        pos = 0
+        outs = []
         keep = True
-        bad = False
+        err = None
+        heads = 0                            # heads completed in this read
+        learn = 0                            # end of a leading plain GET: the fast path's
+        fresh = not (carried or self._skip or self._chunk or self._pend)
         while pos < n:
-            end = data.find(b"\r\n\r\n", pos)
-            if end < 0:                      # an incomplete head: wait for more
-                if n - pos > _HTTP_MAX_HEADER:
-                    bad = True
-                else:
-                    self._buf = bytearray(data[pos:])
-                break
-            head = data[pos:end]
-            line_end = head.find(b"\r\n")
-            line = head if line_end < 0 else head[:line_end]
-            parts = line.split(b" ")
-            if len(parts) != 3 or parts[0] not in _HTTP_METHODS or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
-                bad = True
-                break
-            clen = 0
-            if line_end >= 0:                # header fields: only the ones that matter here
-                lower = head[line_end:].lower()
-                if b"\r\ntransfer-encoding:" in lower:
-                    bad = True               # chunked request bodies are not supported
+            skip = self._skip
+            if skip:                         # body bytes (Content-Length, chunk data)
+                if n - pos < skip:
+                    self._skip = skip - (n - pos)
+                    pos = n
                     break
-                i = lower.find(b"\r\ncontent-length:")
-                if i >= 0:
-                    v = lower[i + 17:].split(b"\r\n", 1)[0].strip()
-                    if not v.isdigit():
-                        bad = True
+                pos += skip
+                self._skip = 0
+                if self._chunk:              # now the CRLF after the chunk data
+                    continue
+                answer, keep = self._pend
+                self._pend = None
+                outs.append(answer)
+                if not keep:
+                    break
+                continue
+            chunk = self._chunk
+            if chunk == 2:                   # the CRLF after chunk data
+                if n - pos < 2:
+                    if data[pos] != 13:
+                        err = _HTTP_400
+                    break                    # (a CR alone: wait for its LF)
+                if data[pos] != 13 or data[pos + 1] != 10:
+                    err = _HTTP_400
+                    break
+                pos += 2
+                self._chunk = 1
+                continue
+            if chunk:
+                e = data.find(b"\r\n", pos)
+                if e < 0:
+                    if n - pos > (_HTTP_MAX_CHUNK_LINE if chunk == 1 else _HTTP_MAX_HEADER):
+                        err = _HTTP_400
+                    break
+                if chunk == 1:               # chunk-size [extensions]
+                    m = _HTTP_CHUNK_SIZE.fullmatch(data, pos, e)
+                    if m is None:
+                        err = _HTTP_400
                         break
-                    clen = int(v)
-                if b"\r\nconnection: close" in lower:
-                    keep = False
-                elif parts[2] == b"HTTP/1.0" and b"\r\nconnection: keep-alive" not in lower:
-                    keep = False
-            elif parts[2] == b"HTTP/1.0":
-                keep = False
-            if not out and keep and not clen and not pos:
-                first = end + 4                  # the read starts with a plain request: learnable
-            out += 1
-            pos = end + 4 + clen
+                    size = int(m.group(1), 16)
+                    pos = e + 2
+                    if size:
+                        self._skip = size
+                        self._chunk = 2
+                    else:
+                        self._chunk = 3      # the last chunk: trailer fields follow
+                    continue
+                if e > pos:                  # a trailer field: checked, dropped
+                    if e - pos > _HTTP_MAX_HEADER or _HTTP_FIELD_LINE.fullmatch(data, pos, e) is None:
+                        err = _HTTP_400
+                        break
+                    pos = e + 2
+                    continue
+                pos += 2                     # the empty line: the body is complete
+                self._chunk = 0
+                answer, keep = self._pend
+                self._pend = None
+                outs.append(answer)
+                if not keep:
+                    break
+                continue
+            # A request head.  One empty line before it is tolerated (RFC 9112
+            # §2.2: some clients send a CRLF after a POST body).
+            if data.startswith(b"\r\n", pos):
+                pos += 2
+                if pos == n:
+                    break
+            end = data.find(b"\r\n\r\n", pos)
+            if end < 0:                      # an incomplete head: wait for more, unless
+                if n - pos > _HTTP_MAX_HEADER + 3 or _HTTP_NEVER.search(data, pos):   # it cannot
+                    err = _HTTP_400          # become one (binary data, a TLS hello ...)
+                break
+            if end - pos > _HTTP_MAX_HEADER:
+                err = _HTTP_400
+                break
+            err, answer, keep, body, expect = _http_request(data[pos:end], resp)
+            if err is not None:
+                break
+            if not pos and fresh and keep and not body and answer is resp and data[:4] == b"GET ":
+                learn = end + 4              # a plain keep-alive GET starts the read
+            heads += 1
+            pos = end + 4
+            if body:
+                if expect:
+                    outs.append(_HTTP_CONTINUE)
+                self._pend = (answer, keep)
+                if body > 0:
+                    self._skip = body
+                else:
+                    self._chunk = 1
+                keep = True
+                continue
+            outs.append(answer)
             if not keep:
                 break
-        if pos > n:
-            self._skip = pos - n
-        if first and data[:4] == b"GET " and first <= 2048:
-            _HttpHandler._known = data[:first]   # a plain keep-alive GET: remember its bytes
-        if out:                              # every answer of this read in one write
-            resp = self.poller.cache["http_response"]
-            self.write(resp * out if out > 1 else resp)
-        if bad:
-            self.write(_HTTP_400)
+        if outs:                             # every answer of this read in one write
+            self.write(outs[0] if len(outs) == 1 else b"".join(outs))
+        if err is not None:
+            self.write(err)
             return False
-        return keep
+        if not keep:
+            return False
+        if learn and learn <= 2048:
+            _HttpHandler._known = data[:learn]   # a plain keep-alive GET: remember its bytes
+        if pos < n:                          # a part of a head, chunk line or CRLF
+            self._buf = data[pos:]
+            if not (self._skip or self._chunk or self._pend):   # a head (re)started
+                if not (self._h and not heads):
+                    self._h = now
+                    self._arm(True, now)
+                return True
+        elif self._skip or self._chunk or self._pend:
+            self._buf = b""                  # inside a body
+        else:
+            self._buf = None                 # between requests: the fast path may answer
+        if self._h:                          # the head timeout is over: now the idle one
+            self._h = 0.0
+            self._arm(False, now)
+        return True
 
 
 def _main(argv: Optional[list] = None) -> int:           # pragma: no cover - run as a process
@@ -4691,10 +4962,27 @@ def _main(argv: Optional[list] = None) -> int:           # pragma: no cover - ru
         sp.add_argument("--tls-key", metavar="KEY", help="its PEM private key (default: in CERT)")
         sp.add_argument("--proxy-protocol", action="store_true",
                         help="expect a PROXY protocol v1/v2 header (HAProxy send-proxy) on every connection")
+        if name == "http":
+            sp.add_argument("--header-timeout", type=float, default=_HTTP_TIMEOUTS[0], metavar="SECONDS",
+                            help="close a connection whose request head is not complete within this "
+                                 "(default %g; 0: no limit)" % _HTTP_TIMEOUTS[0])
+            sp.add_argument("--idle-timeout", type=float, default=_HTTP_TIMEOUTS[1], metavar="SECONDS",
+                            help="close a keep-alive connection idle this long (default %g; 0: no limit)"
+                                 % _HTTP_TIMEOUTS[1])
         sp.epilog = ("SIGTERM/SIGINT: drain and stop.  With --workers N, SIGHUP reloads with zero "
                      "downtime (a new generation of workers, then the old one drains).")
     args = parser.parse_args(argv)
-    factory, setup = (_EchoHandler, None) if args.cmd == "echo" else (_HttpHandler, _http_setup)
+    factory = _EchoHandler if args.cmd == "echo" else _HttpHandler
+    setup: Optional[Callable[[Reactor], None]] = None
+    if args.cmd == "http":
+        for opt in ("header_timeout", "idle_timeout"):
+            value = getattr(args, opt)
+            if not 0 <= value < math.inf:            # (NaN fails too)
+                parser.error("--%s must be a number of seconds >= 0, got %r" % (opt.replace("_", "-"), value))
+
+        def http_setup(reactor: Reactor) -> None:
+            _http_setup(reactor, args.header_timeout, args.idle_timeout)
+        setup = http_setup
     kw = {}
     if args.tls_key and not args.tls_cert:
         parser.error("--tls-key needs --tls-cert")

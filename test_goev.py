@@ -4793,7 +4793,8 @@ def test_http_pipelined_and_split(http_server):
 
 
 def test_http_connection_close_and_http10(http_server):
-    out = http_raw(http_server, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\nGET / HTTP/1.1\r\n\r\n")
+    out = http_raw(http_server, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                                b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert out.count(b"200 OK") == 1            # answered once, then closed
     out = http_raw(http_server, b"GET / HTTP/1.0\r\n\r\n")
     assert out.count(b"200 OK") == 1
@@ -4802,8 +4803,9 @@ def test_http_connection_close_and_http10(http_server):
 @pytest.mark.parametrize("bad", [
     b"garbage\r\n\r\n",
     b"GET /\r\n\r\n",
-    b"GET / HTTP/1.1\r\nContent-Length: abc\r\n\r\n",
-    b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+    b"GET / HTTP/1.1\r\n\r\n",                                     # HTTP/1.1 without Host
     b"GET / HTTP/1.1\r\nX: " + b"a" * 10000,               # oversized head, never finished
 ])
 def test_http_malformed_gets_400_and_close(http_server, bad):
@@ -5032,9 +5034,9 @@ def test_http_fast_path_never_answers_what_the_parser_would_not(http_server):
     assert http_raw(http_server, req + req[:-2], until=1).count(b"200 OK") == 1  # 2nd incomplete
     close = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     assert http_raw(http_server, close + req).count(b"200 OK") == 1           # closed after one
-    bad = b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n"
+    bad = b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n"
     assert http_raw(http_server, bad).startswith(b"HTTP/1.1 400")
-    body = b"POST / HTTP/1.1\r\nContent-Length: 27\r\n\r\n" + req                 # req is a body here
+    body = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 27\r\n\r\n" + req      # req is a body here
     assert http_raw(http_server, body + req, until=2).count(b"200 OK") == 2
 
 
@@ -10511,3 +10513,754 @@ def test_slow_callback_watchdog_names_on_close_and_the_accept(make_reactor, goev
                what="two warnings")
     names = [x.getMessage().split()[0] for x in goev_log.records if x.levelno == logging.WARNING]
     assert "Acceptor.on_read" in names and "_SlowOpenClose.on_close" in names, names
+
+
+# =============================================================================
+# python -m goev http: RFC 9112 framing, timeouts, malformed input
+# =============================================================================
+# HEAD, Content-Length and chunked bodies, the Connection list, Host and control
+# bytes, the head and idle timeouts, and a corpus of malformed requests: each
+# against a real `python -m goev http` process, or the handler fed one read at a
+# time in-process.
+
+# -- the server process -------------------------------------------------------------------
+
+def _http_die_with_us():
+    """In the child, before exec: SIGKILL it if this process dies (the deadline's
+    watchdog exits hard), so no server outlives the tests (Linux)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))   # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+class HttpCliServer:
+    """``python -m goev http 127.0.0.1:0 *args`` from GOEV_DIR; stderr is collected
+    by a thread (ready: the line naming the port)."""
+
+    def __init__(self, *args):
+        env = dict(os.environ, PYTHONPATH=HERE, PYTHONFAULTHANDLER="1")
+        env.pop("GOEV_TRACE", None)
+        self.proc = subprocess.Popen([sys.executable, "-m", "goev", "http", "127.0.0.1:0"] + list(args),
+                                     cwd=HERE, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     preexec_fn=_http_die_with_us if sys.platform.startswith("linux") else None)
+        self.lines = []
+        self.port = None
+        self.ready = threading.Event()
+        self.pump = threading.Thread(target=self._pump, daemon=True)
+        self.pump.start()
+        if not self.ready.wait(WAIT) or self.port is None:
+            err = self.stop()
+            raise AssertionError("the server did not start: %s" % err)
+
+    def _pump(self):
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace")
+            self.lines.append(line)
+            m = re.search(r"server on \('127\.0\.0\.1', (\d+)\)", line)
+            if m and self.port is None:
+                self.port = int(m.group(1))
+                self.ready.set()
+        self.ready.set()                           # EOF: it died (or stopped)
+
+    @property
+    def stderr(self):
+        return "".join(self.lines)
+
+    def stop(self):
+        """SIGTERM by PID, reap (SIGKILL after WAIT); returns stderr."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(WAIT)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self.pump.join(WAIT)
+            self.proc.stderr.close()
+        return self.stderr
+
+    def connect(self):
+        return socket.create_connection(("127.0.0.1", self.port), timeout=WAIT)
+
+
+def _http_cli_serve(*args):
+    s = HttpCliServer(*args)
+    try:
+        yield s
+    finally:
+        err = s.stop()
+        assert "Traceback" not in err, err
+        assert s.proc.returncode == 0, err
+
+
+http_cli_serving = contextlib.contextmanager(_http_cli_serve)
+
+
+@pytest.fixture
+def http_cli():
+    yield from _http_cli_serve()
+
+
+@pytest.fixture
+def http_fast_timeouts():
+    yield from _http_cli_serve("--header-timeout", "0.5", "--idle-timeout", "0.5")
+
+
+# -- client helpers ------------------------------------------------------------------------
+
+def http_cli_response(f, head=False):
+    """One response from the binary file ``f``: (status, {lowercase name: value}, body),
+    or None at EOF.  ``head``: the answer to a HEAD (no body whatever the length)."""
+    line = f.readline()
+    if not line:
+        return None
+    assert line.startswith(b"HTTP/1.1 "), line
+    status = int(line.split()[1])
+    fields = {}
+    while True:
+        line = f.readline()
+        assert line, "EOF inside a response head"
+        if line == b"\r\n":
+            break
+        name, colon, value = line.partition(b":")
+        assert colon, line
+        fields[name.strip().lower().decode()] = value.strip().decode()
+    body = b""
+    if not head and status >= 200:
+        body = f.read(int(fields.get("content-length", "0")))
+    return status, fields, body
+
+
+def http_exchange(srv, payload, half_close=True):
+    """Send ``payload`` on a new connection (then half-close); return every byte the
+    server sent until it closed.  A reset counts as a close."""
+    with srv.connect() as s:
+        try:
+            s.sendall(payload)
+            if half_close:
+                s.shutdown(socket.SHUT_WR)
+        except OSError:                            # EPIPE, ECONNRESET, ENOTCONN: closed already
+            pass
+        out = bytearray()
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        return bytes(out)
+
+
+@contextlib.contextmanager
+def http_sent(srv, payload):
+    """A new connection on which ``payload`` was sent (not half-closed): yields it
+    and its binary file."""
+    with srv.connect() as s, s.makefile("rb") as f:
+        try:
+            s.sendall(payload)
+        except OSError:                            # closed already (it answered first)
+            pass
+        yield s, f
+
+
+def http_until_close(f):
+    """What the server sends until it closes (a reset counts as a close)."""
+    rest = b""
+    while True:
+        try:
+            chunk = f.read1(65536)
+        except ConnectionResetError:
+            return rest
+        if not chunk:
+            return rest
+        rest += chunk
+
+
+def http_closed_within(sock, limit):
+    """Wait (select) until the server closes ``sock``; returns the seconds it took and
+    whatever came before the EOF.  Fails after ``limit`` seconds."""
+    t0 = time.monotonic()
+    got = b""
+    while True:
+        left = t0 + limit - time.monotonic()
+        assert left > 0, "not closed within %gs (got %r)" % (limit, got)
+        r, _, _ = select.select([sock], [], [], left)
+        if r:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                return time.monotonic() - t0, got
+            got += chunk
+
+
+HTTP_GET = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+# -- 8. HEAD ----------------------------------------------------------------------------------
+
+def test_head_gets_headers_only(http_cli):
+    with http_cli.connect() as s, s.makefile("rb") as f:
+        s.sendall(HTTP_GET + b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n" + HTTP_GET)   # GET first: learned
+        st, fields, body = http_cli_response(f)
+        assert st == 200 and body == b"Hello, World!"
+        st, fields, body = http_cli_response(f, head=True)
+        assert st == 200 and fields["content-length"] == "13"
+        st, fields, body = http_cli_response(f)                # the body was not sent: in step
+        assert st == 200 and body == b"Hello, World!"
+
+
+def test_head_with_curl_no_excess(http_cli):
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    url = "http://127.0.0.1:%d/" % http_cli.port
+    r = subprocess.run([curl, "-sS", "-v", "-I", "--http1.1", url, url], capture_output=True, timeout=WAIT)
+    assert r.returncode == 0, r.stderr
+    assert b"Excess" not in r.stderr, r.stderr
+    assert r.stdout.count(b"HTTP/1.1 200 OK") == 2 and b"Hello" not in r.stdout
+    assert b"Content-Length: 13" in r.stdout
+
+
+# -- 9. Content-Length and Transfer-Encoding ------------------------------------------------
+
+@pytest.mark.parametrize("fields, status", [
+    pytest.param(b"Content-Length: " + b"9" * 5000, 400, id="cl-5000-digits"),   # beyond int()'s limit
+    pytest.param(b"Content-Length: " + b"1" * 19, 400, id="cl-19-digits"),       # beyond the digit cap
+    pytest.param(b"Content-Length: 5\r\nContent-Length: 6", 400, id="cl-twice-differing"),  # smuggling
+    pytest.param(b"Content-Length: 5, 6", 400, id="cl-list-differing"),
+    pytest.param(b"Content-Length: -5", 400, id="cl-negative"),
+    pytest.param(b"Content-Length : 5", 400, id="cl-space-before-colon"),        # RFC 9112 5.1
+    pytest.param(b"Transfer-Encoding : chunked", 400, id="te-space-before-colon-chunked"),
+    pytest.param(b"Transfer-Encoding : x", 400, id="te-space-before-colon-x"),
+    pytest.param(b"Transfer-Encoding: gzip", 501, id="te-gzip"),                 # not implemented
+    pytest.param(b"Transfer-Encoding: gzip, chunked", 501, id="te-gzip-chunked"),
+    pytest.param(b"Transfer-Encoding: chunked, chunked", 400, id="te-chunked-twice"),
+    pytest.param(b"Transfer-Encoding: chunked\r\nContent-Length: 5", 400, id="te-and-cl"),
+    pytest.param(b"Content-Length: 5\r\nTransfer-Encoding: chunked", 400, id="cl-and-te"),
+])
+def test_bad_framing_is_refused_and_closed(http_cli, fields, status):
+    req = b"POST / HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n\r\nhello" + HTTP_GET
+    with http_sent(http_cli, req) as (_, f):
+        st, fields_, body = http_cli_response(f)
+        assert (st, fields_.get("connection")) == (status, "close")
+        assert http_until_close(f) == b""                          # one error, then the close
+
+
+def test_same_length_twice_is_one_length(http_cli):
+    req = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello"
+    with http_cli.connect() as s, s.makefile("rb") as f:
+        s.sendall(req + HTTP_GET)
+        assert http_cli_response(f)[0] == 200
+        assert http_cli_response(f)[0] == 200
+
+
+CHUNKED = (b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"5;name=value;q=\"a \\\"quoted\\\" ext\"\r\nhello\r\n"
+           b"1A\r\n" + b"z" * 26 + b"\r\n"
+           b"0 ;last\r\nX-Trailer: yes\r\nOther: 1\r\n\r\n")
+
+
+def test_chunked_body_is_read_and_dropped(http_cli):
+    with http_cli.connect() as s, s.makefile("rb") as f:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(CHUNKED + HTTP_GET + CHUNKED.replace(b"POST", b"PUT") + HTTP_GET)
+        for _ in range(4):
+            st, fields, body = http_cli_response(f)
+            assert st == 200 and body == b"Hello, World!"
+            assert "connection" not in fields
+        for b in CHUNKED + HTTP_GET:                       # one byte per send
+            s.sendall(bytes([b]))
+        for _ in range(2):
+            assert http_cli_response(f)[0] == 200
+
+
+@pytest.mark.parametrize("body", [
+    pytest.param(b"f" * 5000 + b"\r\n", id="size-5000-digits"),
+    pytest.param(b"1" * 17 + b"\r\n", id="size-17-digits"),
+    pytest.param(b"5\r\nhelloXX0\r\n\r\n", id="no-crlf-after-data"),
+    pytest.param(b"-5\r\n", id="size-negative"),
+    pytest.param(b"5 \r\nhello\r\n0\r\n\r\n", id="space-after-size"),
+    pytest.param(b"0\r\nbad trailer\r\n\r\n", id="trailer-without-colon"),
+    pytest.param(b"0\r\nX : 1\r\n\r\n", id="trailer-space-before-colon"),
+    pytest.param(b"g\r\n", id="size-not-hex"),
+    pytest.param(b"5;\r\nhello\r\n0\r\n\r\n", id="extension-without-name"),
+])
+def test_bad_chunked_body_gets_400(http_cli, body):
+    req = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+    out = http_exchange(http_cli, req)
+    assert out.startswith(b"HTTP/1.1 400 Bad Request\r\n"), out
+    assert out.count(b"HTTP/1.1") == 1, out          # no 200 first: the answer waits for the body
+
+
+def test_expect_100_continue(http_cli):
+    with http_cli.connect() as s, s.makefile("rb") as f:
+        s.sendall(b"PUT / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        assert f.readline() == b"HTTP/1.1 100 Continue\r\n" and f.readline() == b"\r\n"
+        s.sendall(b"hello" + HTTP_GET)
+        assert http_cli_response(f)[0] == 200
+        assert http_cli_response(f)[0] == 200
+
+
+# -- 10. Connection ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("req", [
+    pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", id="close"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\nConnection:close\r\n\r\n", id="close-no-space"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\nconnection: keep-alive, close\r\n\r\n", id="list"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\nCONNECTION: Upgrade\r\nConnection: CLOSE\r\n\r\n",
+                 id="two-fields-uppercase"),
+    pytest.param(b"HEAD / HTTP/1.1\r\nHost: x\r\nConnection: TE, close \r\n\r\n", id="head-list"),
+    pytest.param(b"GET / HTTP/1.0\r\n\r\n", id="http10"),                 # 1.0: closes by default
+    pytest.param(b"GET / HTTP/1.0\r\nConnection: keep-alive, close\r\n\r\n", id="http10-list"),
+])
+def test_connection_close_is_honoured_and_announced(http_cli, req):
+    with http_cli.connect() as s, s.makefile("rb") as f:
+        s.sendall(req + HTTP_GET)                       # a second request the server must not answer
+        st, fields, body = http_cli_response(f, head=req.startswith(b"HEAD"))
+        assert st == 200 and fields["connection"] == "close"
+        assert http_until_close(f) == b""                 # then the server closed
+
+
+def test_http10_keep_alive_is_echoed_and_kept(http_cli):
+    req = b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"
+    with http_cli.connect() as s, s.makefile("rb") as f:
+        for _ in range(3):
+            s.sendall(req)
+            st, fields, body = http_cli_response(f)
+            assert st == 200 and fields["connection"].lower() == "keep-alive" and body == b"Hello, World!"
+        s.sendall(HTTP_GET)                             # and 1.1 on the same connection: no field
+        st, fields, body = http_cli_response(f)
+        assert st == 200 and "connection" not in fields
+
+
+# -- 11. Host, control bytes, head size ----------------------------------------------
+
+@pytest.mark.parametrize("req", [
+    pytest.param(b"GET / HTTP/1.1\r\n\r\n", id="no-host"),
+    pytest.param(b"GET / HTTP/1.1\r\nX: y\r\n\r\n", id="no-host-other-field"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", id="two-hosts"),
+    pytest.param(b"GET / HTTP/1.0\r\nHost: a\r\nhost: a\r\n\r\n", id="two-hosts-http10"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", id="invalid-host"),
+    pytest.param(b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n", id="nul-in-target"),
+    pytest.param(b"GET /\x01x HTTP/1.1\r\nHost: x\r\n\r\n", id="ctl-in-target"),
+    pytest.param(b"GET /\x7f HTTP/1.1\r\nHost: x\r\n\r\n", id="del-in-target"),
+    pytest.param(b"GET\t/ HTTP/1.1\r\nHost: x\r\n\r\n", id="tab-separator"),
+    pytest.param(b"GET  / HTTP/1.1\r\nHost: x\r\n\r\n", id="two-spaces"),
+    pytest.param(b"GET / HTTP/1.1\x00\r\nHost: x\r\n\r\n", id="nul-after-version"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\n\r\n", id="nul-in-value"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\nX: a\rb\r\n\r\n", id="bare-cr-in-value"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\nX: a\nb\r\n\r\n", id="bare-lf-in-value"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 60000 + b"\r\n\r\n", id="60KB-head-complete"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * 2000 + b"\r\n", id="2000-fields"),
+])
+def test_bad_head_gets_400_and_close(http_cli, req):
+    with http_sent(http_cli, req + HTTP_GET) as (_, f):
+        st, fields, body = http_cli_response(f)
+        assert (st, fields.get("connection"), body) == (400, "close", b"Bad Request")
+        assert http_until_close(f) == b""
+
+
+def test_head_just_under_the_limit_is_fine(http_cli):
+    pad = b"X: " + b"a" * (8192 - 40) + b"\r\n"
+    req = b"GET / HTTP/1.1\r\nHost: x\r\n" + pad + b"\r\n"
+    assert len(req) - 4 <= 8192
+    with http_cli.connect() as s, s.makefile("rb") as f:
+        s.sendall(req)
+        assert http_cli_response(f)[0] == 200
+
+
+# -- 12. timeouts -------------------------------------------------------------------------
+
+def test_options_in_help():
+    env = dict(os.environ, PYTHONPATH=HERE)
+    r = subprocess.run([sys.executable, "-m", "goev", "http", "--help"], cwd=HERE, env=env,
+                       capture_output=True, text=True, timeout=WAIT)
+    assert r.returncode == 0 and "--header-timeout" in r.stdout and "--idle-timeout" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "goev", "http", "127.0.0.1:0", "--idle-timeout", "-1"],
+                       cwd=HERE, env=env, capture_output=True, text=True, timeout=WAIT)
+    assert r.returncode == 2 and "--idle-timeout" in r.stderr
+
+
+def test_dripping_client_is_closed(http_fast_timeouts):
+    with http_fast_timeouts.connect() as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        t0 = time.monotonic()
+        got = b""
+        for b in HTTP_GET * 100:                        # one byte per 50 ms: 70 s if never cut
+            try:
+                s.sendall(bytes([b]))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            r, _, _ = select.select([s], [], [], 0.05)   # the drip's pace, watching for the close
+            if r:
+                try:
+                    chunk = s.recv(65536)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                got += chunk
+                if b"408" in got:
+                    http_closed_within(s, WAIT)
+                    break
+        took = time.monotonic() - t0
+    assert b"200 OK" not in got                    # the head never completed
+    assert got.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), got
+    assert 0.4 <= took < 10, took
+
+
+def test_silent_connection_is_closed(http_fast_timeouts):
+    with http_fast_timeouts.connect() as s:
+        took, got = http_closed_within(s, WAIT)
+    assert got == b"" and 0.4 <= took < 10
+
+
+def test_idle_keepalive_connection_is_closed(http_fast_timeouts):
+    with http_fast_timeouts.connect() as s, s.makefile("rb") as f:
+        s.sendall(HTTP_GET)
+        assert http_cli_response(f)[0] == 200
+        took, got = http_closed_within(s, WAIT)
+    assert got == b"" and 0.4 <= took < 10
+
+
+def test_active_connection_is_not_closed(http_fast_timeouts):
+    """Requests every 0.2 s for 2 s (four idle timeouts), heads split in two parts;
+    then whole GETs every 0.2 s for 2 s; then silence, and the close."""
+    with http_fast_timeouts.connect() as s, s.makefile("rb") as f:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        t0 = time.monotonic()
+        n = 0
+        while time.monotonic() - t0 < 2.0:
+            s.sendall(HTTP_GET[:10])                     # a head in two parts, 0.1 s apart
+            r, _, _ = select.select([s], [], [], 0.1)
+            assert not r, "the server answered or closed mid-head"
+            s.sendall(HTTP_GET[10:])
+            assert http_cli_response(f)[0] == 200
+            n += 1
+            r, _, _ = select.select([s], [], [], 0.2)   # idle, under the timeout
+            assert not r, "closed while active"
+        assert n >= 5
+        t0 = time.monotonic()                       # whole GETs: the fast path answers these
+        while time.monotonic() - t0 < 2.0:
+            s.sendall(HTTP_GET)
+            assert http_cli_response(f)[0] == 200
+            last = time.monotonic()
+            r, _, _ = select.select([s], [], [], 0.2)
+            assert not r, "closed while active (fast path)"
+        _, got = http_closed_within(s, WAIT)             # and once idle, closed
+        took = time.monotonic() - last              # (since the last answer)
+    assert got == b"" and 0.4 <= took < 10
+
+
+def test_peer_that_does_not_read_its_answers_is_dropped(http_fast_timeouts):
+    """Pipelined requests, answers never read: more answers than the kernel's
+    buffers hold, so they queue in the server, which stops reading (above the
+    high water mark); the idle timeout then drops the connection, queue and all
+    (a reset: a FIN would wait behind the unsent answers)."""
+    s = socket.socket()
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", http_fast_timeouts.port))
+        s.setblocking(False)
+        http_sent = 0
+        try:
+            while http_sent < len(HTTP_GET) * 80000:           # 12 MB of answers
+                http_sent += s.send(HTTP_GET * 1000)
+        except BlockingIOError:                      # the server stopped reading
+            pass
+        assert http_sent >= len(HTTP_GET) * 1000
+        t0 = time.monotonic()
+        p = select.poll()                            # the event: a hang-up or a reset,
+        p.register(s, select.POLLRDHUP | select.POLLHUP | select.POLLERR)   # unread data or not
+        events = p.poll(WAIT * 1000)
+        took = time.monotonic() - t0
+        assert events, "not dropped within %gs" % WAIT
+        assert took < 10
+    finally:
+        s.close()
+
+
+def test_idle_timeout_shorter_than_head_timeout():
+    with http_cli_serving("--header-timeout", "30", "--idle-timeout", "0.5") as srv:
+        with srv.connect() as s, s.makefile("rb") as f:
+            s.sendall(HTTP_GET)                           # the first head: its timeout was set at open
+            assert http_cli_response(f)[0] == 200
+            took, got = http_closed_within(s, WAIT)       # and yet the idle one applies after it
+        assert got == b"" and 0.4 <= took < 10
+        with srv.connect() as s, s.makefile("rb") as f:
+            s.sendall(HTTP_GET[:10])                      # a head in two reads, then idle
+            r, _, _ = select.select([s], [], [], 0.1)
+            assert not r
+            s.sendall(HTTP_GET[10:])
+            assert http_cli_response(f)[0] == 200
+            took, got = http_closed_within(s, WAIT)
+        assert got == b"" and 0.4 <= took < 10
+
+
+def test_head_timeout_shorter_than_idle_timeout():
+    with http_cli_serving("--header-timeout", "0.5", "--idle-timeout", "30") as srv:
+        with srv.connect() as s, s.makefile("rb") as f:
+            s.sendall(HTTP_GET)
+            assert http_cli_response(f)[0] == 200
+            r, _, _ = select.select([s], [], [], 1.5)   # idle: 30 s allowed
+            assert not r, "closed while idle under the idle timeout"
+            t0 = time.monotonic()
+            s.sendall(HTTP_GET[:10])                      # a new head starts, never ends
+            took, got = http_closed_within(s, WAIT)
+            took = time.monotonic() - t0
+        assert got.startswith(b"HTTP/1.1 408 ") and 0.4 <= took < 10
+
+
+@pytest.mark.parametrize("extra", [
+    pytest.param(["--pollers", "3"], id="3pollers"),
+    pytest.param(["--backend", "selectors", "--pollers", "2"], id="selectors"),
+    pytest.param(["--trace"], id="trace"),
+])
+def test_timeouts_on_every_poller(extra):
+    """Connections spread over several pollers (the timer is set from the
+    acceptor's thread), the selectors backend, trace mode: each connection is
+    answered, then closed when idle; a silent one is closed too."""
+    with http_cli_serving("--header-timeout", "0.5", "--idle-timeout", "0.5", *extra) as srv:
+        conns = [srv.connect() for _ in range(6)]
+        files = [c.makefile("rb") for c in conns]
+        try:
+            for c, f in zip(conns[:5], files):
+                c.sendall(HTTP_GET)
+                assert http_cli_response(f)[0] == 200
+            for c in conns:
+                took, got = http_closed_within(c, WAIT)
+                assert got == b""
+        finally:
+            for f in files:
+                f.close()
+            for c in conns:
+                c.close()
+
+
+def test_tls_head_and_idle_timeout(tmp_path):
+    """Over TLS (the handler's class is swapped after the handshake): HEAD, the
+    Connection list, and the idle close."""
+    import ssl
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is not installed")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True, timeout=60)
+    ctx = ssl._create_unverified_context()
+    with http_cli_serving("--tls-cert", cert, "--tls-key", key, "--idle-timeout", "0.5") as srv:
+        with ctx.wrap_socket(srv.connect()) as s, s.makefile("rb") as f:
+            s.sendall(HTTP_GET + b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n" + HTTP_GET)
+            assert http_cli_response(f)[2] == b"Hello, World!"
+            assert http_cli_response(f, head=True)[1]["content-length"] == "13"
+            assert http_cli_response(f)[2] == b"Hello, World!"
+            t0 = time.monotonic()
+            assert f.read() == b""                     # closed when idle (TLS close_notify or EOF)
+            assert 0.4 <= time.monotonic() - t0 < 10
+        with ctx.wrap_socket(srv.connect()) as s, s.makefile("rb") as f:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, close\r\n\r\n" + HTTP_GET)
+            assert http_cli_response(f)[1]["connection"] == "close"
+            assert f.read() == b""
+
+
+def test_default_timeouts_leave_a_fresh_connection_alone(http_cli):
+    """The defaults (10 s, 60 s): a second of silence is fine."""
+    with http_cli.connect() as s:
+        r, _, _ = select.select([s], [], [], 1.0)
+        assert not r
+
+
+# -- 13. no input makes a traceback -----------------------------------------------------
+
+HTTP_CORPUS = [
+    b"", b"\r\n", b"\r\n\r\n", b"\r\n\r\n\r\n\r\n", b"\n\n", b"GET\r\n\r\n", b"GET /\r\n\r\n",
+    b"GET / HTTP/1.1", b"GET / HTTP/1.1\r\n", b"GET / HTTP/1.1\r\nHost: x\r\n",
+    b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", b"GET / HTTP/1.1.1\r\nHost: x\r\n\r\n",
+    b"GET / http/1.1\r\nHost: x\r\n\r\n", b"GET / HTTP/11\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/\xff.1\r\nHost: x\r\n\r\n", b" GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1 \r\nHost: x\r\n\r\n", b"GET / HTTP/1.1\n\n", b"GET / HTTP/1.1\nHost: x\n\n",
+    b"G\x00T / HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"\x00" * 100, b"\xff\xfe\xfd" * 1000, bytes(range(256)) * 40,
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",                  # a TLS ClientHello
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"A" * 20000 + b" / HTTP/1.1\r\nHost: x\r\n\r\n", b"GET " + b"/" * 20000 + b" HTTP/1.1\r\n\r\n",
+    b"CONNECT x:443 HTTP/1.1\r\nHost: x\r\n\r\n", b"g\xc3\xa9t / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nNoColon\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\n: empty\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nX: a\r\n  folded\r\n\r\n",
+    b"GET / HTTP/1.1\r\n folded: x\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nX\x00Y: 1\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nX: \x1b[31m\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", b"GET / HTTP/1.1\r\nHost: \xff\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"0" * 5000 + b"\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1e3\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 0x10\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: \xd9\xa3\r\n\r\n",      # an Arabic-Indic digit
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length:\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 3,\r\n\r\nabc",
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"f" * 5000 + b"\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel",
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcde\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1;" + b"a" * 9000 + b"\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + b"X: y\r\n" * 3000,
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + b"T" * 10000,
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: \xff\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\r\n\r\n",
+    b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 70000 + b"\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nConnection: \x00\r\n\r\n",
+]
+
+
+def test_nul_bytes_never_take_the_fast_path(http_cli):
+    """Before any GET was learned, a read of NULs on a kept-alive connection was
+    "k copies" of the fast path's initial b"\\0" and got k 200s."""
+    post = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx"
+    with http_sent(http_cli, post) as (s, f):                    # answered, not learned
+        assert http_cli_response(f)[0] == 200
+        s.sendall(b"\0" * 10)
+        st, fields, body = http_cli_response(f)
+        assert (st, fields.get("connection")) == (400, "close")
+        assert http_until_close(f) == b""
+
+
+def test_malformed_corpus_never_traces(http_cli):
+    wrong = []
+    for payload in HTTP_CORPUS:
+        out = http_exchange(http_cli, payload)
+        if not (out == b"" or re.match(rb"HTTP/1\.1 [45]\d\d ", out)) or b" 200 OK" in out:
+            wrong.append((payload[:60], out[:60]))
+        assert http_cli.proc.poll() is None
+    with http_cli.connect() as s, s.makefile("rb") as f:        # still serving (and every
+        s.sendall(HTTP_GET)                                        # earlier answer was logged)
+        assert http_cli_response(f)[0] == 200
+    assert "Traceback" not in http_cli.stderr, http_cli.stderr[-3000:]
+    assert not wrong, "answered, neither 4xx/5xx nor a close: %r" % wrong
+
+
+# -- in-process: every split of a request across reads --------------------------------------
+
+@pytest.fixture(scope="module")
+def http_goev_mod():
+    """GOEV_DIR's goev.py as a module of its own name (the repository's goev may
+    be imported in the same session)."""
+    spec = importlib.util.spec_from_file_location("goev_http_under_test", os.path.join(HERE, "goev.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class HttpFeeder:
+    """An _HttpHandler on one end of a socketpair in a reactor that is not started:
+    each feed() is exactly one read (on_read called by hand)."""
+
+    def __init__(self, goev):
+        self.goev = goev
+        self.r = goev.Reactor(1)
+        goev._http_setup(self.r)
+        self.a, self.b = socket.socketpair()
+        self.b.setblocking(False)
+        self.a.settimeout(WAIT)
+        self.h = goev._HttpHandler()
+        self.h.reactor = self.r
+        self.h.fd = self.b.fileno()
+        assert self.h.on_open()
+        self.open = True
+
+    def feed(self, data):
+        self.a.sendall(data)
+        if not self.h.on_read():
+            self.h.close()
+            self.open = False
+
+    def output(self):
+        self.a.setblocking(False)
+        out = b""
+        while True:
+            try:
+                chunk = self.a.recv(65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        self.a.setblocking(True)
+        return out
+
+    def close(self):
+        self.r.stop()
+        self.a.close()
+        self.b.close()
+
+
+def _http_statuses(out):
+    return re.findall(rb"HTTP/1\.1 (\d\d\d) ", out)
+
+
+HTTP_STREAM = (CHUNKED + HTTP_GET
+          + b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n\r\nabc\r\nde"
+          + b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n"
+          + b"\r\n" + HTTP_GET
+          + b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+          + b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+
+
+def test_every_split_gives_the_same_answers(http_goev_mod):
+    def run(pieces):
+        fd = HttpFeeder(http_goev_mod)
+        try:
+            for p in pieces:
+                if fd.open:
+                    fd.feed(p)
+            return fd.output(), fd.open
+        finally:
+            fd.close()
+    whole, still_open = run([HTTP_STREAM])
+    assert _http_statuses(whole) == [b"200"] * 7 and not still_open
+    assert whole.count(b"Hello, World!") == 6                  # not for the HEAD
+    assert whole.endswith(b"Connection: close\r\n\r\nHello, World!")
+    assert b"Connection: keep-alive\r\n" in whole
+    date = re.compile(rb"Date: [^\r]*")
+    norm = date.sub(b"Date: D", whole)
+    for i in range(1, len(HTTP_STREAM)):
+        out, _ = run([HTTP_STREAM[:i], HTTP_STREAM[i:]])
+        assert date.sub(b"Date: D", out) == norm, i
+    out, _ = run([bytes([b]) for b in HTTP_STREAM])
+    assert date.sub(b"Date: D", out) == norm
+
+
+def test_fast_path_learns_only_plain_gets(http_goev_mod):
+    cls = http_goev_mod._HttpHandler
+    for req in (b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n", b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"GET / HTTP/1.1\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 1\r\n\r\n"):
+        cls._known = b""
+        fd = HttpFeeder(http_goev_mod)
+        try:
+            fd.feed(req)
+            if fd.open:
+                fd.feed(req)
+        finally:
+            fd.close()
+        assert cls._known == b"", req
+    fd = HttpFeeder(http_goev_mod)
+    try:
+        fd.feed(HTTP_GET)
+        assert cls._known == HTTP_GET                      # learned ...
+        fd.feed(HTTP_GET * 3)                              # ... and answered by the fast path
+        assert fd.h._buf is None
+        assert _http_statuses(fd.output()) == [b"200"] * 4
+    finally:
+        fd.close()
