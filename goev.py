@@ -4805,6 +4805,14 @@ class _HttpHandler(IOHandle):
             data = buf + view if buf else bytes(view)
         return self._parse(data, bool(buf))
 
+    def _body_done(self, outs: list) -> bool:
+        """A request's body has been read: its held answer joins ``outs``;
+        returns whether the connection stays open after it."""
+        answer, keep = self._pend
+        self._pend = None
+        outs.append(answer)
+        return keep
+
     def _parse(self, data: bytes, carried: bool) -> bool:
         """The full parser: ``data`` is every unparsed byte, ``carried`` whether some
         came from an earlier read.  Returns False to close (after the answers)."""
@@ -4829,9 +4837,7 @@ class _HttpHandler(IOHandle):
                 self._skip = 0
                 if self._chunk:              # now the CRLF after the chunk data
                     continue
-                answer, keep = self._pend
-                self._pend = None
-                outs.append(answer)
+                keep = self._body_done(outs)
                 if not keep:
                     break
                 continue
@@ -4874,9 +4880,7 @@ class _HttpHandler(IOHandle):
                     continue
                 pos += 2                     # the empty line: the body is complete
                 self._chunk = 0
-                answer, keep = self._pend
-                self._pend = None
-                outs.append(answer)
+                keep = self._body_done(outs)
                 if not keep:
                     break
                 continue

@@ -3566,20 +3566,27 @@ def async_http(backend, npollers):
             stop_child(proc, signal.SIGKILL)
 
 
-def read_response(f):
-    """(status, headers, body) of one response from a socket file."""
-    status_line = f.readline()
-    assert status_line.startswith(b"HTTP/1.1 "), status_line
-    headers = {}
+def read_response(f, head=False):
+    """One response from the binary file ``f``: (status, {lowercase name: value}, body),
+    or None at EOF.  ``head``: the answer to a HEAD (no body whatever the length)."""
+    line = f.readline()
+    if not line:
+        return None
+    assert line.startswith(b"HTTP/1.1 "), line
+    status = int(line.split()[1])
+    fields = {}
     while True:
         line = f.readline()
-        assert line, "EOF in the response head"
+        assert line, "EOF inside a response head"
         if line == b"\r\n":
             break
-        k, _, v = line.decode().partition(":")
-        headers[k.strip().lower()] = v.strip()
-    body = f.read(int(headers["content-length"]))
-    return int(status_line.split()[1]), headers, body
+        name, colon, value = line.partition(b":")
+        assert colon, line
+        fields[name.strip().lower().decode()] = value.strip().decode()
+    body = b""
+    if not head and status >= 200:
+        body = f.read(int(fields.get("content-length", "0")))
+    return status, fields, body
 
 
 def test_async_http_http_client(async_http):
@@ -10610,30 +10617,7 @@ def http_fast_timeouts():
     yield from _http_cli_serve("--header-timeout", "0.5", "--idle-timeout", "0.5")
 
 
-# -- client helpers ------------------------------------------------------------------------
-
-def http_cli_response(f, head=False):
-    """One response from the binary file ``f``: (status, {lowercase name: value}, body),
-    or None at EOF.  ``head``: the answer to a HEAD (no body whatever the length)."""
-    line = f.readline()
-    if not line:
-        return None
-    assert line.startswith(b"HTTP/1.1 "), line
-    status = int(line.split()[1])
-    fields = {}
-    while True:
-        line = f.readline()
-        assert line, "EOF inside a response head"
-        if line == b"\r\n":
-            break
-        name, colon, value = line.partition(b":")
-        assert colon, line
-        fields[name.strip().lower().decode()] = value.strip().decode()
-    body = b""
-    if not head and status >= 200:
-        body = f.read(int(fields.get("content-length", "0")))
-    return status, fields, body
-
+# -- client helpers (and read_response, above) -------------------------------------------
 
 def http_exchange(srv, payload, half_close=True):
     """Send ``payload`` on a new connection (then half-close); return every byte the
@@ -10709,11 +10693,11 @@ HTTP_GET = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 def test_head_gets_headers_only(http_cli):
     with http_cli.connect() as s, s.makefile("rb") as f:
         s.sendall(HTTP_GET + b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n" + HTTP_GET)   # GET first: learned
-        st, fields, body = http_cli_response(f)
+        st, fields, body = read_response(f)
         assert st == 200 and body == b"Hello, World!"
-        st, fields, body = http_cli_response(f, head=True)
+        st, fields, body = read_response(f, head=True)
         assert st == 200 and fields["content-length"] == "13"
-        st, fields, body = http_cli_response(f)                # the body was not sent: in step
+        st, fields, body = read_response(f)                # the body was not sent: in step
         assert st == 200 and body == b"Hello, World!"
 
 
@@ -10749,7 +10733,7 @@ def test_head_with_curl_no_excess(http_cli):
 def test_bad_framing_is_refused_and_closed(http_cli, fields, status):
     req = b"POST / HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n\r\nhello" + HTTP_GET
     with http_sent(http_cli, req) as (_, f):
-        st, fields_, body = http_cli_response(f)
+        st, fields_, body = read_response(f)
         assert (st, fields_.get("connection")) == (status, "close")
         assert http_until_close(f) == b""                          # one error, then the close
 
@@ -10758,8 +10742,8 @@ def test_same_length_twice_is_one_length(http_cli):
     req = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello"
     with http_cli.connect() as s, s.makefile("rb") as f:
         s.sendall(req + HTTP_GET)
-        assert http_cli_response(f)[0] == 200
-        assert http_cli_response(f)[0] == 200
+        assert read_response(f)[0] == 200
+        assert read_response(f)[0] == 200
 
 
 CHUNKED = (b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -10773,13 +10757,13 @@ def test_chunked_body_is_read_and_dropped(http_cli):
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         s.sendall(CHUNKED + HTTP_GET + CHUNKED.replace(b"POST", b"PUT") + HTTP_GET)
         for _ in range(4):
-            st, fields, body = http_cli_response(f)
+            st, fields, body = read_response(f)
             assert st == 200 and body == b"Hello, World!"
             assert "connection" not in fields
         for b in CHUNKED + HTTP_GET:                       # one byte per send
             s.sendall(bytes([b]))
         for _ in range(2):
-            assert http_cli_response(f)[0] == 200
+            assert read_response(f)[0] == 200
 
 
 @pytest.mark.parametrize("body", [
@@ -10805,8 +10789,8 @@ def test_expect_100_continue(http_cli):
         s.sendall(b"PUT / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
         assert f.readline() == b"HTTP/1.1 100 Continue\r\n" and f.readline() == b"\r\n"
         s.sendall(b"hello" + HTTP_GET)
-        assert http_cli_response(f)[0] == 200
-        assert http_cli_response(f)[0] == 200
+        assert read_response(f)[0] == 200
+        assert read_response(f)[0] == 200
 
 
 # -- 10. Connection ----------------------------------------------------------------------
@@ -10824,7 +10808,7 @@ def test_expect_100_continue(http_cli):
 def test_connection_close_is_honoured_and_announced(http_cli, req):
     with http_cli.connect() as s, s.makefile("rb") as f:
         s.sendall(req + HTTP_GET)                       # a second request the server must not answer
-        st, fields, body = http_cli_response(f, head=req.startswith(b"HEAD"))
+        st, fields, body = read_response(f, head=req.startswith(b"HEAD"))
         assert st == 200 and fields["connection"] == "close"
         assert http_until_close(f) == b""                 # then the server closed
 
@@ -10834,10 +10818,10 @@ def test_http10_keep_alive_is_echoed_and_kept(http_cli):
     with http_cli.connect() as s, s.makefile("rb") as f:
         for _ in range(3):
             s.sendall(req)
-            st, fields, body = http_cli_response(f)
+            st, fields, body = read_response(f)
             assert st == 200 and fields["connection"].lower() == "keep-alive" and body == b"Hello, World!"
         s.sendall(HTTP_GET)                             # and 1.1 on the same connection: no field
-        st, fields, body = http_cli_response(f)
+        st, fields, body = read_response(f)
         assert st == 200 and "connection" not in fields
 
 
@@ -10863,7 +10847,7 @@ def test_http10_keep_alive_is_echoed_and_kept(http_cli):
 ])
 def test_bad_head_gets_400_and_close(http_cli, req):
     with http_sent(http_cli, req + HTTP_GET) as (_, f):
-        st, fields, body = http_cli_response(f)
+        st, fields, body = read_response(f)
         assert (st, fields.get("connection"), body) == (400, "close", b"Bad Request")
         assert http_until_close(f) == b""
 
@@ -10874,7 +10858,7 @@ def test_head_just_under_the_limit_is_fine(http_cli):
     assert len(req) - 4 <= 8192
     with http_cli.connect() as s, s.makefile("rb") as f:
         s.sendall(req)
-        assert http_cli_response(f)[0] == 200
+        assert read_response(f)[0] == 200
 
 
 # -- 12. timeouts -------------------------------------------------------------------------
@@ -10926,7 +10910,7 @@ def test_silent_connection_is_closed(http_fast_timeouts):
 def test_idle_keepalive_connection_is_closed(http_fast_timeouts):
     with http_fast_timeouts.connect() as s, s.makefile("rb") as f:
         s.sendall(HTTP_GET)
-        assert http_cli_response(f)[0] == 200
+        assert read_response(f)[0] == 200
         took, got = http_closed_within(s, WAIT)
     assert got == b"" and 0.4 <= took < 10
 
@@ -10943,7 +10927,7 @@ def test_active_connection_is_not_closed(http_fast_timeouts):
             r, _, _ = select.select([s], [], [], 0.1)
             assert not r, "the server answered or closed mid-head"
             s.sendall(HTTP_GET[10:])
-            assert http_cli_response(f)[0] == 200
+            assert read_response(f)[0] == 200
             n += 1
             r, _, _ = select.select([s], [], [], 0.2)   # idle, under the timeout
             assert not r, "closed while active"
@@ -10951,7 +10935,7 @@ def test_active_connection_is_not_closed(http_fast_timeouts):
         t0 = time.monotonic()                       # whole GETs: the fast path answers these
         while time.monotonic() - t0 < 2.0:
             s.sendall(HTTP_GET)
-            assert http_cli_response(f)[0] == 200
+            assert read_response(f)[0] == 200
             last = time.monotonic()
             r, _, _ = select.select([s], [], [], 0.2)
             assert not r, "closed while active (fast path)"
@@ -10992,7 +10976,7 @@ def test_idle_timeout_shorter_than_head_timeout():
     with http_cli_serving("--header-timeout", "30", "--idle-timeout", "0.5") as srv:
         with srv.connect() as s, s.makefile("rb") as f:
             s.sendall(HTTP_GET)                           # the first head: its timeout was set at open
-            assert http_cli_response(f)[0] == 200
+            assert read_response(f)[0] == 200
             took, got = http_closed_within(s, WAIT)       # and yet the idle one applies after it
         assert got == b"" and 0.4 <= took < 10
         with srv.connect() as s, s.makefile("rb") as f:
@@ -11000,7 +10984,7 @@ def test_idle_timeout_shorter_than_head_timeout():
             r, _, _ = select.select([s], [], [], 0.1)
             assert not r
             s.sendall(HTTP_GET[10:])
-            assert http_cli_response(f)[0] == 200
+            assert read_response(f)[0] == 200
             took, got = http_closed_within(s, WAIT)
         assert got == b"" and 0.4 <= took < 10
 
@@ -11009,7 +10993,7 @@ def test_head_timeout_shorter_than_idle_timeout():
     with http_cli_serving("--header-timeout", "0.5", "--idle-timeout", "30") as srv:
         with srv.connect() as s, s.makefile("rb") as f:
             s.sendall(HTTP_GET)
-            assert http_cli_response(f)[0] == 200
+            assert read_response(f)[0] == 200
             r, _, _ = select.select([s], [], [], 1.5)   # idle: 30 s allowed
             assert not r, "closed while idle under the idle timeout"
             t0 = time.monotonic()
@@ -11034,7 +11018,7 @@ def test_timeouts_on_every_poller(extra):
         try:
             for c, f in zip(conns[:5], files):
                 c.sendall(HTTP_GET)
-                assert http_cli_response(f)[0] == 200
+                assert read_response(f)[0] == 200
             for c in conns:
                 took, got = http_closed_within(c, WAIT)
                 assert got == b""
@@ -11060,15 +11044,15 @@ def test_tls_head_and_idle_timeout(tmp_path):
     with http_cli_serving("--tls-cert", cert, "--tls-key", key, "--idle-timeout", "0.5") as srv:
         with ctx.wrap_socket(srv.connect()) as s, s.makefile("rb") as f:
             s.sendall(HTTP_GET + b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n" + HTTP_GET)
-            assert http_cli_response(f)[2] == b"Hello, World!"
-            assert http_cli_response(f, head=True)[1]["content-length"] == "13"
-            assert http_cli_response(f)[2] == b"Hello, World!"
+            assert read_response(f)[2] == b"Hello, World!"
+            assert read_response(f, head=True)[1]["content-length"] == "13"
+            assert read_response(f)[2] == b"Hello, World!"
             t0 = time.monotonic()
             assert f.read() == b""                     # closed when idle (TLS close_notify or EOF)
             assert 0.4 <= time.monotonic() - t0 < 10
         with ctx.wrap_socket(srv.connect()) as s, s.makefile("rb") as f:
             s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, close\r\n\r\n" + HTTP_GET)
-            assert http_cli_response(f)[1]["connection"] == "close"
+            assert read_response(f)[1]["connection"] == "close"
             assert f.read() == b""
 
 
@@ -11129,9 +11113,9 @@ def test_nul_bytes_never_take_the_fast_path(http_cli):
     "k copies" of the fast path's initial b"\\0" and got k 200s."""
     post = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx"
     with http_sent(http_cli, post) as (s, f):                    # answered, not learned
-        assert http_cli_response(f)[0] == 200
+        assert read_response(f)[0] == 200
         s.sendall(b"\0" * 10)
-        st, fields, body = http_cli_response(f)
+        st, fields, body = read_response(f)
         assert (st, fields.get("connection")) == (400, "close")
         assert http_until_close(f) == b""
 
@@ -11145,7 +11129,7 @@ def test_malformed_corpus_never_traces(http_cli):
         assert http_cli.proc.poll() is None
     with http_cli.connect() as s, s.makefile("rb") as f:        # still serving (and every
         s.sendall(HTTP_GET)                                        # earlier answer was logged)
-        assert http_cli_response(f)[0] == 200
+        assert read_response(f)[0] == 200
     assert "Traceback" not in http_cli.stderr, http_cli.stderr[-3000:]
     assert not wrong, "answered, neither 4xx/5xx nor a close: %r" % wrong
 
