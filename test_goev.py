@@ -3704,7 +3704,9 @@ class Probe(goev.IOHandle):
         self.threads = []
         self.err = None
         self.greeting = greeting
-        self.got = bytearray()
+        # bytes, not a bytearray: the test thread reads .got while the poller appends;
+        # a bytearray being copied cannot be resized (BufferError on free-threaded builds)
+        self.got = b""
         self.settled = threading.Event()    # on_open or on_connect_fail ran
         self.closed_ev = threading.Event()
 
@@ -6387,7 +6389,9 @@ class _RawReader(goev.IOHandle):
     """A handler on a raw fd (a pipe or socket end the test owns): reads with os.read."""
 
     def __init__(self, close_fd_on_read=False):
-        self.got = bytearray()
+        # bytes, not a bytearray: the test thread reads .got while the poller appends;
+        # a bytearray being copied cannot be resized (BufferError on free-threaded builds)
+        self.got = b""
         self.reads = 0
         self.closes = 0
         self.close_fd_on_read = close_fd_on_read
