@@ -1037,6 +1037,157 @@ def test_bytes_before_fin_or_rst_are_delivered(make_reactor, npollers, ending):
 
 
 # =============================================================================
+# on_data / on_eof: goev reads for the handler
+# =============================================================================
+
+class DataEcho(goev.IOHandle):
+    """The README's first handler: on_data echoes, the default on_eof closes."""
+
+    def on_data(self, data):
+        self.write(data)
+
+
+class _AnswerAtEof(goev.IOHandle):
+    """Collects the request; answers at end of stream, then closes (a half-close)."""
+
+    def __init__(self):
+        self.got = b""
+        self.errors = []
+
+    def on_data(self, data):
+        self.got += bytes(data)
+        return False                      # ignored: on_data's return value never closes
+
+    def on_eof(self):
+        self.errors.append(self.error)
+        self.write(b"got %d bytes" % len(self.got))
+        self.close()
+
+
+def test_on_data_echo_byte_exact(make_reactor, npollers):
+    """on_data receives every byte in order (short reads, long reads beyond the
+    view cache), and the default on_eof closes after the queued echo is flushed."""
+    r, a = echo_server(make_reactor, npollers, factory=DataEcho)
+    data = random.Random(7).randbytes(3 << 20) if hasattr(random.Random, "randbytes") else os.urandom(3 << 20)
+    with socket.create_connection(a.address, timeout=WAIT) as c:
+        s = _Bg(lambda: (c.sendall(data), c.shutdown(socket.SHUT_WR)))
+        got = recv_all(c)                 # EOF: the server closed after the flush
+        s.join()
+    assert got == data
+
+
+def test_on_eof_answers_a_half_close(make_reactor, npollers):
+    """on_eof runs once at the client's FIN; the handler may still write, and
+    on_data returning False did not close the connection early."""
+    handlers = []
+
+    def make():
+        h = _AnswerAtEof()
+        handlers.append(h)
+        return h
+    r, a = echo_server(make_reactor, npollers, factory=make)
+    with socket.create_connection(a.address, timeout=WAIT) as c:
+        c.sendall(b"x" * 1000)
+        c.shutdown(socket.SHUT_WR)
+        assert recv_all(c) == b"got 1000 bytes"
+    wait_until(lambda: handlers and handlers[0].closed, what="the handler closed")
+    assert handlers[0].errors == [None]
+
+
+def test_on_eof_after_a_reset_carries_the_error(make_reactor):
+    """A reset is an end of stream too: on_eof runs with self.error set."""
+    handlers = []
+
+    def make():
+        h = _AnswerAtEof()
+        handlers.append(h)
+        return h
+    r, a = echo_server(make_reactor, factory=make)
+    with socket.create_connection(a.address, timeout=WAIT) as c:
+        c.sendall(b"abc")
+        wait_until(lambda: handlers and handlers[0].got == b"abc", what="the bytes before the reset")
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    # (closed with SO_LINGER 0: a reset)
+    wait_until(lambda: handlers[0].errors, what="on_eof after the reset")
+    assert isinstance(handlers[0].errors[0], ConnectionResetError)
+    wait_until(lambda: handlers[0].closed, what="the handler closed")
+
+
+def test_on_data_and_on_read_in_one_class_is_a_type_error():
+    """A class that overrides both is refused when it is defined, with a message
+    naming both; so is a subclass that adds on_read under an on_data parent."""
+    with pytest.raises(TypeError, match="defines both on_data and on_read"):
+        class Both(goev.IOHandle):
+            def on_read(self):
+                return True
+
+            def on_data(self, data):
+                pass
+    with pytest.raises(TypeError, match="Later defines both on_data and on_read"):
+        class Later(DataEcho):
+            def on_read(self):
+                return True
+
+
+def test_on_data_view_released_by_the_handler(make_reactor, npollers):
+    """Releasing the view on_data received is harmless: the next read of that
+    length (short, and long) gets a new view."""
+    seen = []
+
+    class Releaser(goev.IOHandle):
+        def on_data(self, data):
+            seen.append(bytes(data))
+            data.release()
+            self.write(b"k")
+
+    r, a = echo_server(make_reactor, npollers, factory=Releaser)
+    with socket.create_connection(a.address, timeout=WAIT) as c:
+        for msg in (b"a" * 10, b"b" * 10, b"c" * 5000, b"d" * 5000):
+            c.sendall(msg)
+            assert recv_exact(c, 1) == b"k"
+    assert [m[:1] * len(m) == m for m in seen] and b"".join(seen) == b"a" * 10 + b"b" * 10 + b"c" * 5000 + b"d" * 5000
+
+
+def test_on_data_under_trace_names_the_callbacks(backend, capfd):
+    """Trace mode runs the same loop (no fast path): on_data and on_eof are
+    called the same way, and the trace names them."""
+    r = goev.Reactor(1, backend=backend, trace=True)
+    try:
+        a = goev.Acceptor(r, "127.0.0.1:0", DataEcho)
+        r.start()
+        with socket.create_connection(a.address, timeout=WAIT) as c:
+            c.sendall(b"hello")
+            assert recv_exact(c, 5) == b"hello"
+            c.shutdown(socket.SHUT_WR)
+            assert recv_all(c) == b""
+    finally:
+        r.stop()
+    err = capfd.readouterr().err
+    assert "DataEcho.on_data/on_eof()" in err
+    assert "readv -> 5 bytes" in err and "readv -> 0 bytes (end of stream)" in err
+
+
+def test_on_data_exception_closes_only_that_handler(make_reactor, caplog):
+    """An exception in on_data is logged and closes that handler; the acceptor
+    and other connections go on."""
+
+    class Bad(goev.IOHandle):
+        def on_data(self, data):
+            if bytes(data) == b"boom":
+                raise RuntimeError("boom in on_data")
+            self.write(data)
+
+    r, a = echo_server(make_reactor, factory=Bad)
+    with socket.create_connection(a.address, timeout=WAIT) as good, \
+            socket.create_connection(a.address, timeout=WAIT) as bad:
+        bad.sendall(b"boom")
+        assert recv_all(bad) == b""
+        good.sendall(b"fine")
+        assert recv_exact(good, 4) == b"fine"
+    assert "boom in on_data" in caplog.text
+
+
+# =============================================================================
 # Faults in callbacks; on_open refusing
 # =============================================================================
 
@@ -1174,6 +1325,167 @@ def test_factory_returning_garbage_is_logged_and_survived(make_reactor, goev_log
     msgs = [e.getMessage() for e in goev_log.errors()]
     assert len(msgs) == 2 and all("factory" in m for m in msgs)
     assert "42" in str(goev_log.errors()[0].exc_info[1])
+
+
+# =============================================================================
+# run() on the main thread: Ctrl-C and SIGTERM stop gracefully
+# =============================================================================
+
+def _readme_first_program():
+    """The README's first Python block (its "Ten lines")."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        text = f.read()
+    return re.search(r"```python\n(.*?)```", text, re.S).group(1)
+
+
+def _start_program(source, env=None):
+    """Run ``source`` (listening on 127.0.0.1:8080, rewritten to a free port)
+    in a child; returns (process, port) once it accepts connections."""
+    port = free_port()
+    assert "127.0.0.1:8080" in source
+    p = spawn_py(["-c", source.replace("127.0.0.1:8080", "127.0.0.1:%d" % port)], env=env or {})
+    try:
+        wait_port(port)
+    except AssertionError:
+        stop_child(p, signal.SIGKILL)
+        raise
+    return p, port
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_readme_first_program_stops_cleanly(backend, sig):
+    """The README's first program, verbatim: on Ctrl-C or SIGTERM it closes its
+    connections (each client reads an orderly EOF after its echo) and exits 0
+    without a traceback."""
+    p, port = _start_program(_readme_first_program(), env={"GOEV_BACKEND": backend})
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=WAIT) for _ in range(3)]
+    try:
+        for i, c in enumerate(clients):
+            c.sendall(b"hi %d" % i)
+            assert recv_exact(c, 4) == b"hi %d" % i
+        p.send_signal(sig)
+        for c in clients:
+            assert recv_all(c) == b""
+        out, err = p.communicate(timeout=WAIT)
+        assert p.returncode == 0, err
+        assert err == "" and out == ""
+    finally:
+        for c in clients:
+            c.close()
+        stop_child(p, signal.SIGKILL)
+
+
+_CLOSE_REPORTING = '''
+import logging, os, sys, goev
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+class Echo(goev.IOHandle):
+    def on_data(self, data):
+        if bytes(data) == b"flood":
+            self.write(b"x" * (64 << 20))   # more than the client will read: the drain waits
+        else:
+            self.write(data)
+
+    def on_close(self):
+        os.write(1, b"on_close %d\\n" % self.peer[1])   # one write: pollers run in parallel
+
+with goev.Reactor(POLLERS) as r:
+    goev.Acceptor(r, "127.0.0.1:8080", Echo)
+    r.run(drain_timeout=DRAIN)
+print("run returned", flush=True)
+'''
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_stop_signal_runs_on_close_for_every_connection(backend, npollers, sig):
+    """One signal: every open connection gets on_close before run() returns,
+    and the program goes on after run() (exit 0)."""
+    src = _CLOSE_REPORTING.replace("POLLERS", str(npollers)).replace("DRAIN", "60")
+    p, port = _start_program(src, env={"GOEV_BACKEND": backend})
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=WAIT) for _ in range(4)]
+    try:
+        for c in clients:
+            c.sendall(b"ping")
+            assert recv_exact(c, 4) == b"ping"
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=WAIT)
+        assert p.returncode == 0, err
+        lines = out.splitlines()          # (wait_port's probe connection has its on_close too)
+        assert {"on_close %d" % c.getsockname()[1] for c in clients} <= set(lines[:-1])
+        assert len(set(lines)) == len(lines) and lines[-1] == "run returned"
+        assert "%s: shutting down" % signal.Signals(sig).name in err and "Traceback" not in err
+    finally:
+        for c in clients:
+            c.close()
+        stop_child(p, signal.SIGKILL)
+
+
+def test_second_stop_signal_stops_at_once(backend):
+    """A connection whose queue cannot drain holds the graceful stop (up to its
+    60 s drain timeout); a second Ctrl-C stops at once: on_close, exit 0."""
+    src = _CLOSE_REPORTING.replace("POLLERS", "1").replace("DRAIN", "60")
+    p, port = _start_program(src, env={"GOEV_BACKEND": backend})
+    c = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    try:
+        c.sendall(b"flood")                 # the server queues 64 MiB we never read
+        assert recv_exact(c, 1) == b"x"
+        p.send_signal(signal.SIGINT)
+        line = p.stderr.readline()          # the first signal was handled: draining
+        assert "SIGINT: shutting down" in line
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=WAIT)
+        assert p.returncode == 0, err
+        assert out.splitlines()[-2:] == ["on_close %d" % c.getsockname()[1], "run returned"]
+        assert "Traceback" not in err
+    finally:
+        c.close()
+        stop_child(p, signal.SIGKILL)
+
+
+def test_own_signal_handler_is_kept(backend):
+    """A program that installed its own SIGTERM handler keeps it during run();
+    SIGINT (left at Python's default) still stops gracefully, and after run()
+    both handlers are what they were."""
+    src = '''
+import os, signal, sys, goev
+seen = []
+def mine(signo, frame):
+    seen.append(signo)
+    r.post(r.stop)
+signal.signal(signal.SIGTERM, mine)
+with goev.Reactor() as r:
+    goev.Acceptor(r, "127.0.0.1:8080", goev.IOHandle)
+    r.run()
+    print("seen", seen, signal.getsignal(signal.SIGTERM) is mine,
+          signal.getsignal(signal.SIGINT) is signal.default_int_handler, flush=True)
+'''
+    p, port = _start_program(src, env={"GOEV_BACKEND": backend})
+    try:
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=WAIT)
+        assert p.returncode == 0, err
+        assert out.strip() == "seen [%d] True True" % signal.SIGTERM
+    finally:
+        stop_child(p, signal.SIGKILL)
+
+
+def test_run_off_the_main_thread_leaves_signals_alone(make_reactor):
+    """run() on another thread installs nothing (Python runs signal handlers on
+    the main thread only): the main thread's handlers stay as they were."""
+    r = make_reactor()
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    seen = []
+
+    def check():
+        seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
+        r.stop()
+    r.call_later(0, check)
+    t = threading.Thread(target=r.run)
+    t.start()
+    t.join(WAIT)
+    assert not t.is_alive()
+    assert seen == [before]
 
 
 # =============================================================================
@@ -5098,6 +5410,28 @@ def tls_connect(address, client_ctx, **kw):
 def _tls_payload(size):
     rnd = random.Random(size)
     return rnd.randbytes(size) if hasattr(rnd, "randbytes") else os.urandom(size)
+
+
+def test_tls_on_data_handler_echo_and_eof(make_reactor, npollers, server_ctx, client_ctx):
+    """An on_data handler behind TLS receives plaintext (through the TLS read,
+    not the loop's plain-read fast path), and on_eof runs at close_notify/FIN."""
+    handlers = []
+
+    def make():
+        h = _AnswerAtEof()
+        handlers.append(h)
+        return h
+    r, a = echo_server(make_reactor, npollers, factory=make, ssl=server_ctx)
+    with tls_connect(a.address, client_ctx) as c:
+        c.sendall(b"tls " * 100)
+        wait_until(lambda: handlers and len(handlers[0].got) == 400, what="the plaintext")
+        c.sendall(b"!")
+        wait_until(lambda: len(handlers[0].got) == 401, what="the second record")
+        assert handlers[0].got == b"tls " * 100 + b"!"
+        socket.socket.shutdown(c, socket.SHUT_WR)   # a FIN under the TLS layer (no close_notify)
+        assert recv_all(c) == b"got 401 bytes"      # decrypted; then the server's close
+    wait_until(lambda: handlers[0].closed, what="the handler closed")
+    assert handlers[0].errors == [None]
 
 
 def echo_through(c, data):

@@ -271,9 +271,9 @@ class WebSocket(goev.IOHandle):
             if opcode >= 0x8:
                 self.on_control(opcode, payload)    # may arrive between fragments
             else:
-                self.on_data(opcode, bool(fin), payload)
+                self.on_frame(opcode, bool(fin), payload)
 
-    def on_data(self, opcode, fin, payload):
+    def on_frame(self, opcode, fin, payload):
         """Reassemble fragments: TEXT/BINARY starts a message, CONT extends it.
         Text is validated as it comes, so bad text fails at the first bad
         fragment (Python's decoder rejects overlongs and surrogates, as 8.1
