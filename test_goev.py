@@ -8111,7 +8111,7 @@ def start_example(kids, args, backend=None):
     proc = spawn_py([os.path.join("examples", args[0])] + list(args[1:]), env=env)
     kids.append(proc)
     line = _readline(proc.stderr)
-    m = re.search(r"listening on \S*?:(\d+)\b", line)
+    m = re.search(r"listening on \S*:(\d+)\b", line)     # (the last colon: "[::1]:PORT" too)
     if not m:
         code, out, err = finish(proc)
         pytest.fail("%s did not start (rc=%r): %s%s" % (args[0], code, line, err))
@@ -8203,6 +8203,29 @@ def test_example_echo_sigint(backend, kids):
     echo_roundtrip(port, b"x")
     code, _, err = finish(proc, signal.SIGINT)
     assert code == 0, err
+
+
+def test_example_echo_on_a_unix_socket(backend, kids, tmp_path):
+    """echo.py unix:PATH says where it listens (unix:PATH), echoes a unix-socket
+    client byte for byte and exits 0 on SIGTERM."""
+    path = str(tmp_path / "echo.sock")
+    proc = spawn_py([os.path.join("examples", "echo.py"), "unix:" + path], env={"GOEV_BACKEND": backend})
+    kids.append(proc)
+    line = _readline(proc.stderr)
+    assert line.strip() == "echo: listening on unix:" + path, line + finish(proc)[2]
+    data = _examples_misc_payload(300000, seed=23)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(WAIT)
+        c.connect(path)
+        t = threading.Thread(target=c.sendall, args=(data,))
+        t.start()
+        got = recv_exact(c, len(data))
+        t.join(WAIT)
+        c.shutdown(socket.SHUT_WR)
+        assert recv_all(c) == b""               # our FIN answered by the server's
+    assert got == data
+    assert run_tool([need_tool("socat"), "-", "UNIX-CONNECT:" + path], b"hi\n") == b"hi\n"
+    assert_clean_exit(proc)
 
 
 # -- tcp_proxy.py ---------------------------------------------------------------------
@@ -8679,6 +8702,139 @@ def test_threads_baseline_http(kids):
                     "http://127.0.0.1:%d/again" % port])
     assert out == b"Hello, World!" * 2
     assert_clean_exit(proc)
+
+
+# -- every example: a port in use, bad arguments, --help, python3 ----------------------------
+
+EXAMPLES = sorted(f for f in os.listdir(os.path.join(HERE, "examples")) if f.endswith(".py"))
+
+# Every example that listens, with what follows ADDR on its command line
+# (threads_baseline takes its mode first: "{}" marks where ADDR goes).
+LISTENERS = {
+    "echo.py": ["{}"], "http_hello.py": ["{}"], "reuseport.py": ["{}"], "async_http.py": ["{}"],
+    "kv.py": ["{}"], "websocket.py": ["{}"], "tcp_proxy.py": ["{}", "127.0.0.1:1"],
+    "download.py": ["{}", os.path.join(HERE, "README.md")], "threads_baseline.py": ["echo", "{}"],
+}
+
+
+def run_example(kids, args):
+    """Run examples/<args[0]> to its end: (returncode, stdout, stderr); it must end
+    by itself within WAIT (one that starts serving is killed and fails the test)."""
+    proc = spawn_py([os.path.join("examples", args[0])] + list(args[1:]))
+    kids.append(proc)
+    try:
+        out, err = proc.communicate(timeout=WAIT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail("%s did not exit: %s" % (" ".join(args), err))
+    return proc.returncode, out, err
+
+
+def test_every_listening_example_is_in_the_list():
+    """LISTENERS below covers every example that takes an address to listen on."""
+    takes_addr = set()
+    for name in EXAMPLES:
+        with open(os.path.join(HERE, "examples", name)) as f:
+            if "goev.Acceptor(" in f.read() or name == "threads_baseline.py":
+                takes_addr.add(name)
+    assert takes_addr == set(LISTENERS)
+
+
+@pytest.mark.parametrize("name", sorted(LISTENERS))
+def test_example_on_a_port_in_use_says_so_in_one_line_and_exits_2(name, kids):
+    """A port some other socket listens on: one line naming the address and the
+    error, exit status 2, no traceback."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        addr = "127.0.0.1:%d" % taken.getsockname()[1]
+        code, out, err = run_example(kids, [name] + [a.format(addr) for a in LISTENERS[name]])
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert addr in lines[0] and "in use" in lines[0], err
+
+
+BAD_EXAMPLE_ARGS = [
+    (["echo.py", "8080"], "has no port"),
+    (["echo.py", "127.0.0.1:x"], "not a number"),
+    (["echo.py"], "required: ADDR"),
+    (["http_hello.py", "8080"], "has no port"),
+    (["http_hello.py", "--pollers", "x", "127.0.0.1:0"], "invalid int value: 'x'"),
+    (["http_hello.py", "--pollers", "0", "127.0.0.1:0"], "--pollers must be positive"),
+    (["reuseport.py", "8080"], "has no port"),
+    (["reuseport.py", "--pollers", "x", "127.0.0.1:0"], "invalid int value: 'x'"),
+    (["reuseport.py", "--pollers", "0", "127.0.0.1:0"], "--pollers must be positive"),
+    (["async_http.py", "8080"], "has no port"),
+    (["async_http.py", "--threads", "0", "127.0.0.1:0"], "must be positive"),
+    (["async_http.py", "--backend", "x", "127.0.0.1:0"], "unknown backend 'x'"),
+    (["kv.py", "--pollers", "0", "127.0.0.1:0"], "must be positive"),
+    (["websocket.py", "--pollers", "0", "127.0.0.1:0"], "must be positive"),
+    (["tcp_proxy.py", "--pollers", "0", "127.0.0.1:0", "127.0.0.1:1"], "--pollers must be positive"),
+    (["tcp_proxy.py", "127.0.0.1:0", "8080"], "bad UPSTREAM '8080'"),
+    (["download.py", "127.0.0.1:0", "/nonexistent/file"], "No such file"),
+    (["download.py", "--rate", "x", "127.0.0.1:0", "README.md"], "rate must be a number"),
+    (["connect_pool.py", "8080"], "has no port"),
+    (["connect_pool.py", "--workers", "0"], "must be positive"),
+    (["threads_baseline.py", "echo", "8080"], "expected HOST:PORT"),
+    (["threads_baseline.py", "ftp", "127.0.0.1:0"], "invalid choice: 'ftp'"),
+    (["timers.py", "now"], "unrecognized arguments: now"),
+]
+
+
+@pytest.mark.parametrize("args,why", BAD_EXAMPLE_ARGS, ids=[" ".join(a) for a, _ in BAD_EXAMPLE_ARGS])
+def test_example_bad_argument_says_why_in_one_line_and_exits_2(args, why, kids):
+    """A bad argument ends the example with one line saying what is wrong (after
+    argparse's usage lines when argparse found it), exit status 2, no traceback."""
+    code, out, err = run_example(kids, args)
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert why in lines[-1], err
+    if len(lines) > 1:                      # argparse: the usage, then "PROG: error: ..."
+        assert lines[0].startswith("usage: python3 examples/" + args[0]), err
+        assert lines[-1].startswith("python3 examples/%s: error: " % args[0]), err
+        assert not any(": error: " in line for line in lines[:-1]), err
+
+
+def _help_entries(text):
+    """argparse --help text -> {first word of an entry ("--pollers", "ADDR"): its text}."""
+    entries, key = {}, None
+    for line in text.splitlines():
+        m = re.match(r"  (\S+)", line)
+        if m and not line.startswith("   "):
+            key = m.group(1).rstrip(",")
+            entries[key] = line
+        elif key and line.startswith("   "):
+            entries[key] += " " + line.strip()
+        else:
+            key = None
+    return entries
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_help_shows_every_default(name, kids):
+    """--help exits 0, shows how to run it with python3, and every option (and
+    optional positional) that has a default says what it is."""
+    code, out, err = run_example(kids, [name, "--help"])
+    assert code == 0 and err == "", err
+    assert out.startswith("usage: python3 examples/%s " % name), out
+    entries = _help_entries(out)
+    assert "-h" in entries, out
+    optional_positionals = re.findall(r"\[([A-Z_]+)\]", out.split("\n\n")[0])
+    checked = [k for k in entries if k.startswith("--") or k in optional_positionals]
+    for key in checked:
+        assert "default" in entries[key], "%s --help: %s shows no default:\n%s" % (name, key, out)
+
+
+def test_examples_show_command_lines_with_python3():
+    """Command lines in the examples' docstrings, usage and README say python3
+    (Debian and others have no "python")."""
+    for name in EXAMPLES + ["README.md"]:
+        with open(os.path.join(HERE, "examples", name)) as f:
+            text = f.read()
+        assert not re.search(r"\bpython (?:examples/|-m )", text), name
+
 
 
 # =============================================================================
