@@ -8706,7 +8706,8 @@ def test_threads_baseline_http(kids):
 
 # -- every example: a port in use, bad arguments, --help, python3 ----------------------------
 
-EXAMPLES = sorted(f for f in os.listdir(os.path.join(HERE, "examples")) if f.endswith(".py"))
+_EXAMPLES_DIR = os.path.join(HERE, "examples")       # (absent from a copy of the two files alone)
+EXAMPLES = sorted(f for f in os.listdir(_EXAMPLES_DIR) if f.endswith(".py")) if os.path.isdir(_EXAMPLES_DIR) else []
 
 # Every example that listens, with what follows ADDR on its command line
 # (threads_baseline takes its mode first: "{}" marks where ADDR goes).
@@ -10241,6 +10242,72 @@ def test_part_one_alone_is_a_working_reactor(backend, tmp_path):
     lines = r.stdout.splitlines()
     assert lines[-1] == "part one"
     assert len([x for x in lines if x.startswith("refused:") and "Part II" in x]) == 3, r.stdout
+
+
+# -- README.md: its commands, package list and API table match the code -----------------
+
+def _readme():
+    with open(os.path.join(HERE, "README.md")) as f:
+        return f.read()
+
+
+def test_readme_first_commands_serve_on_loopback_and_test_in_a_venv():
+    """The first two commands: a server on 127.0.0.1 (not every interface), and the
+    test suite inside a venv (Debian's python3 refuses pip install outside one)."""
+    first = re.search(r"```sh\n(.*?)```", _readme(), re.S).group(1).splitlines()
+    assert re.match(r"python3 -m goev echo 127\.0\.0\.1:\d+ ", first[0]), first
+    assert re.match(r"python3 -m venv (\S+) && \. \1/bin/activate && pip install pytest && "
+                    r"python -m pytest -q test_goev\.py$", first[1]), first
+
+
+def test_readme_lists_the_debian_packages_ci_installs():
+    """The README's apt-get line names exactly the packages .ci/run installs."""
+    with open(os.path.join(HERE, ".ci", "run")) as f:
+        ci = set(w for m in re.finditer(r"need\+=\(([^)]*)\)", f.read()) for w in m.group(1).split())
+    line = re.search(r"sudo apt-get install ((?:[^\n\\]|\\\n)*)", _readme()).group(1)
+    assert set(line.replace("\\", " ").split()) == ci
+
+
+def test_readme_names_every_option_of_the_command_line():
+    """Every option of python3 -m goev echo appears in the README."""
+    out = run_py(["-m", "goev", "echo", "--help"]).stdout
+    options = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", out)) - {"--help"}
+    assert options, out
+    text = _readme()
+    assert sorted(o for o in options if o not in text) == []
+
+
+def test_readme_api_table_has_the_real_signatures():
+    """The keyword arguments and defaults the README's API table gives for Reactor,
+    Acceptor and Connector.connect are the code's, none missing."""
+    import inspect
+    text = _readme()
+    for shown, func in (("Reactor(", goev.Reactor.__init__), ("Acceptor(", goev.Acceptor.__init__),
+                        ("Connector(r).connect(", goev.Connector.connect)):
+        m = re.search(r"^\| `%s([^`]*)\)`" % re.escape(shown), text, re.M)
+        assert m, shown
+        documented = {}
+        for item in m.group(1).split(", "):
+            if "=" in item:
+                name, default = item.split("=", 1)
+                documented[name] = ast.literal_eval(default)
+        real = {n: p.default for n, p in inspect.signature(func).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+        assert set(documented) == set(real), shown
+        for name, default in documented.items():
+            assert default == real[name], (shown, name, default, real[name])
+
+
+def test_readme_api_table_names_every_public_handler_and_reactor_attribute():
+    """Every public attribute of IOHandle (h.NAME, callbacks aside) and Reactor
+    (r.NAME) is in the README's API table."""
+    text = _readme()
+    missing = []
+    for prefix, cls, extra in (("h", goev.IOHandle, ()), ("r", goev.Reactor, ("pollers", "backend"))):
+        names = set(n for n in dir(cls) if not n.startswith(("_", "on_"))) | set(extra)
+        missing += ["%s.%s" % (prefix, n) for n in sorted(names)
+                    if not re.search(r"`(?:%s|handler)\.%s\b" % (prefix, n), text)]
+    assert missing == []
 
 
 # =============================================================================
