@@ -8445,7 +8445,7 @@ def start_example(kids, args, backend=None):
     proc = spawn_py([os.path.join("examples", args[0])] + list(args[1:]), env=env)
     kids.append(proc)
     line = _readline(proc.stderr)
-    m = re.search(r"listening on \S*?:(\d+)\b", line)
+    m = re.search(r"listening on \S*:(\d+)\b", line)     # (the last colon: "[::1]:PORT" too)
     if not m:
         code, out, err = finish(proc)
         pytest.fail("%s did not start (rc=%r): %s%s" % (args[0], code, line, err))
@@ -8537,6 +8537,29 @@ def test_example_echo_sigint(backend, kids):
     echo_roundtrip(port, b"x")
     code, _, err = finish(proc, signal.SIGINT)
     assert code == 0, err
+
+
+def test_example_echo_on_a_unix_socket(backend, kids, tmp_path):
+    """echo.py unix:PATH says where it listens (unix:PATH), echoes a unix-socket
+    client byte for byte and exits 0 on SIGTERM."""
+    path = str(tmp_path / "echo.sock")
+    proc = spawn_py([os.path.join("examples", "echo.py"), "unix:" + path], env={"GOEV_BACKEND": backend})
+    kids.append(proc)
+    line = _readline(proc.stderr)
+    assert line.strip() == "echo: listening on unix:" + path, line + finish(proc)[2]
+    data = _examples_misc_payload(300000, seed=23)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(WAIT)
+        c.connect(path)
+        t = threading.Thread(target=c.sendall, args=(data,))
+        t.start()
+        got = recv_exact(c, len(data))
+        t.join(WAIT)
+        c.shutdown(socket.SHUT_WR)
+        assert recv_all(c) == b""               # our FIN answered by the server's
+    assert got == data
+    assert run_tool([need_tool("socat"), "-", "UNIX-CONNECT:" + path], b"hi\n") == b"hi\n"
+    assert_clean_exit(proc)
 
 
 # -- tcp_proxy.py ---------------------------------------------------------------------
@@ -9013,6 +9036,140 @@ def test_threads_baseline_http(kids):
                     "http://127.0.0.1:%d/again" % port])
     assert out == b"Hello, World!" * 2
     assert_clean_exit(proc)
+
+
+# -- every example: a port in use, bad arguments, --help, python3 ----------------------------
+
+_EXAMPLES_DIR = os.path.join(HERE, "examples")       # (absent from a copy of the two files alone)
+EXAMPLES = sorted(f for f in os.listdir(_EXAMPLES_DIR) if f.endswith(".py")) if os.path.isdir(_EXAMPLES_DIR) else []
+
+# Every example that listens, with what follows ADDR on its command line
+# (threads_baseline takes its mode first: "{}" marks where ADDR goes).
+LISTENERS = {
+    "echo.py": ["{}"], "http_hello.py": ["{}"], "reuseport.py": ["{}"], "async_http.py": ["{}"],
+    "kv.py": ["{}"], "websocket.py": ["{}"], "tcp_proxy.py": ["{}", "127.0.0.1:1"],
+    "download.py": ["{}", os.path.join(HERE, "README.md")], "threads_baseline.py": ["echo", "{}"],
+}
+
+
+def run_example(kids, args):
+    """Run examples/<args[0]> to its end: (returncode, stdout, stderr); it must end
+    by itself within WAIT (one that starts serving is killed and fails the test)."""
+    proc = spawn_py([os.path.join("examples", args[0])] + list(args[1:]))
+    kids.append(proc)
+    try:
+        out, err = proc.communicate(timeout=WAIT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail("%s did not exit: %s" % (" ".join(args), err))
+    return proc.returncode, out, err
+
+
+def test_every_listening_example_is_in_the_list():
+    """LISTENERS below covers every example that takes an address to listen on."""
+    takes_addr = set()
+    for name in EXAMPLES:
+        with open(os.path.join(HERE, "examples", name)) as f:
+            if "goev.Acceptor(" in f.read() or name == "threads_baseline.py":
+                takes_addr.add(name)
+    assert takes_addr == set(LISTENERS)
+
+
+@pytest.mark.parametrize("name", sorted(LISTENERS))
+def test_example_on_a_port_in_use_says_so_in_one_line_and_exits_2(name, kids):
+    """A port some other socket listens on: one line naming the address and the
+    error, exit status 2, no traceback."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        addr = "127.0.0.1:%d" % taken.getsockname()[1]
+        code, out, err = run_example(kids, [name] + [a.format(addr) for a in LISTENERS[name]])
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert addr in lines[0] and "in use" in lines[0], err
+
+
+BAD_EXAMPLE_ARGS = [
+    (["echo.py", "8080"], "has no port"),
+    (["echo.py", "127.0.0.1:x"], "not a number"),
+    (["echo.py"], "required: ADDR"),
+    (["http_hello.py", "8080"], "has no port"),
+    (["http_hello.py", "--pollers", "x", "127.0.0.1:0"], "invalid int value: 'x'"),
+    (["http_hello.py", "--pollers", "0", "127.0.0.1:0"], "--pollers must be positive"),
+    (["reuseport.py", "8080"], "has no port"),
+    (["reuseport.py", "--pollers", "x", "127.0.0.1:0"], "invalid int value: 'x'"),
+    (["reuseport.py", "--pollers", "0", "127.0.0.1:0"], "--pollers must be positive"),
+    (["async_http.py", "8080"], "has no port"),
+    (["async_http.py", "--threads", "0", "127.0.0.1:0"], "must be positive"),
+    (["async_http.py", "--backend", "x", "127.0.0.1:0"], "unknown backend 'x'"),
+    (["kv.py", "--pollers", "0", "127.0.0.1:0"], "must be positive"),
+    (["websocket.py", "--pollers", "0", "127.0.0.1:0"], "must be positive"),
+    (["tcp_proxy.py", "--pollers", "0", "127.0.0.1:0", "127.0.0.1:1"], "--pollers must be positive"),
+    (["tcp_proxy.py", "127.0.0.1:0", "8080"], "bad UPSTREAM '8080'"),
+    (["download.py", "127.0.0.1:0", "/nonexistent/file"], "No such file"),
+    (["download.py", "--rate", "x", "127.0.0.1:0", "README.md"], "rate must be a number"),
+    (["connect_pool.py", "8080"], "has no port"),
+    (["connect_pool.py", "--workers", "0"], "must be positive"),
+    (["threads_baseline.py", "echo", "8080"], "expected HOST:PORT"),
+    (["threads_baseline.py", "ftp", "127.0.0.1:0"], "invalid choice: 'ftp'"),
+    (["timers.py", "now"], "unrecognized arguments: now"),
+]
+
+
+@pytest.mark.parametrize("args,why", BAD_EXAMPLE_ARGS, ids=[" ".join(a) for a, _ in BAD_EXAMPLE_ARGS])
+def test_example_bad_argument_says_why_in_one_line_and_exits_2(args, why, kids):
+    """A bad argument ends the example with one line saying what is wrong (after
+    argparse's usage lines when argparse found it), exit status 2, no traceback."""
+    code, out, err = run_example(kids, args)
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert why in lines[-1], err
+    if len(lines) > 1:                      # argparse: the usage, then "PROG: error: ..."
+        assert lines[0].startswith("usage: python3 examples/" + args[0]), err
+        assert lines[-1].startswith("python3 examples/%s: error: " % args[0]), err
+        assert not any(": error: " in line for line in lines[:-1]), err
+
+
+def _help_entries(text):
+    """argparse --help text -> {first word of an entry ("--pollers", "ADDR"): its text}."""
+    entries, key = {}, None
+    for line in text.splitlines():
+        m = re.match(r"  (\S+)", line)
+        if m and not line.startswith("   "):
+            key = m.group(1).rstrip(",")
+            entries[key] = line
+        elif key and line.startswith("   "):
+            entries[key] += " " + line.strip()
+        else:
+            key = None
+    return entries
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_help_shows_every_default(name, kids):
+    """--help exits 0, shows how to run it with python3, and every option (and
+    optional positional) that has a default says what it is."""
+    code, out, err = run_example(kids, [name, "--help"])
+    assert code == 0 and err == "", err
+    assert out.startswith("usage: python3 examples/%s " % name), out
+    entries = _help_entries(out)
+    assert "-h" in entries, out
+    optional_positionals = re.findall(r"\[([A-Z_]+)\]", out.split("\n\n")[0])
+    checked = [k for k in entries if k.startswith("--") or k in optional_positionals]
+    for key in checked:
+        assert "default" in entries[key], "%s --help: %s shows no default:\n%s" % (name, key, out)
+
+
+def test_examples_show_command_lines_with_python3():
+    """Command lines in the examples' docstrings, usage and README say python3
+    (Debian and others have no "python")."""
+    for name in EXAMPLES + ["README.md"]:
+        with open(os.path.join(HERE, "examples", name)) as f:
+            text = f.read()
+        assert not re.search(r"\bpython (?:examples/|-m )", text), name
+
 
 
 # =============================================================================
@@ -10419,6 +10576,72 @@ def test_part_one_alone_is_a_working_reactor(backend, tmp_path):
     lines = r.stdout.splitlines()
     assert lines[-1] == "part one"
     assert len([x for x in lines if x.startswith("refused:") and "Part II" in x]) == 3, r.stdout
+
+
+# -- README.md: its commands, package list and API table match the code -----------------
+
+def _readme():
+    with open(os.path.join(HERE, "README.md")) as f:
+        return f.read()
+
+
+def test_readme_first_commands_serve_on_loopback_and_test_in_a_venv():
+    """The first two commands: a server on 127.0.0.1 (not every interface), and the
+    test suite inside a venv (Debian's python3 refuses pip install outside one)."""
+    first = re.search(r"```sh\n(.*?)```", _readme(), re.S).group(1).splitlines()
+    assert re.match(r"python3 -m goev echo 127\.0\.0\.1:\d+ ", first[0]), first
+    assert re.match(r"python3 -m venv (\S+) && \. \1/bin/activate && pip install pytest && "
+                    r"python -m pytest -q test_goev\.py$", first[1]), first
+
+
+def test_readme_lists_the_debian_packages_ci_installs():
+    """The README's apt-get line names exactly the packages .ci/run installs."""
+    with open(os.path.join(HERE, ".ci", "run")) as f:
+        ci = set(w for m in re.finditer(r"need\+=\(([^)]*)\)", f.read()) for w in m.group(1).split())
+    line = re.search(r"sudo apt-get install ((?:[^\n\\]|\\\n)*)", _readme()).group(1)
+    assert set(line.replace("\\", " ").split()) == ci
+
+
+def test_readme_names_every_option_of_the_command_line():
+    """Every option of python3 -m goev echo appears in the README."""
+    out = run_py(["-m", "goev", "echo", "--help"]).stdout
+    options = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", out)) - {"--help"}
+    assert options, out
+    text = _readme()
+    assert sorted(o for o in options if o not in text) == []
+
+
+def test_readme_api_table_has_the_real_signatures():
+    """The keyword arguments and defaults the README's API table gives for Reactor,
+    Acceptor and Connector.connect are the code's, none missing."""
+    import inspect
+    text = _readme()
+    for shown, func in (("Reactor(", goev.Reactor.__init__), ("Acceptor(", goev.Acceptor.__init__),
+                        ("Connector(r).connect(", goev.Connector.connect)):
+        m = re.search(r"^\| `%s([^`]*)\)`" % re.escape(shown), text, re.M)
+        assert m, shown
+        documented = {}
+        for item in m.group(1).split(", "):
+            if "=" in item:
+                name, default = item.split("=", 1)
+                documented[name] = ast.literal_eval(default)
+        real = {n: p.default for n, p in inspect.signature(func).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+        assert set(documented) == set(real), shown
+        for name, default in documented.items():
+            assert default == real[name], (shown, name, default, real[name])
+
+
+def test_readme_api_table_names_every_public_handler_and_reactor_attribute():
+    """Every public attribute of IOHandle (h.NAME, callbacks aside) and Reactor
+    (r.NAME) is in the README's API table."""
+    text = _readme()
+    missing = []
+    for prefix, cls, extra in (("h", goev.IOHandle, ()), ("r", goev.Reactor, ("pollers", "backend"))):
+        names = set(n for n in dir(cls) if not n.startswith(("_", "on_"))) | set(extra)
+        missing += ["%s.%s" % (prefix, n) for n in sorted(names)
+                    if not re.search(r"`(?:%s|handler)\.%s\b" % (prefix, n), text)]
+    assert missing == []
 
 
 # =============================================================================

@@ -33,7 +33,7 @@ the right connection, in the right order.
 
 Try it:
 
-    python examples/async_http.py 127.0.0.1:8080 [--pollers N] [--threads N]
+    python3 examples/async_http.py 127.0.0.1:8080 [--pollers N] [--threads N]
     curl -s --http1.1 http://127.0.0.1:8080/ http://127.0.0.1:8080/a http://127.0.0.1:8080/b
     printf 'GET /1 HTTP/1.1\\r\\nHost: x\\r\\n\\r\\nGET /2 HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' | nc -q1 127.0.0.1 8080
     wrk -t2 -c50 -d5s http://127.0.0.1:8080/
@@ -234,22 +234,38 @@ class HttpConn(goev.IOHandle):
 POOL = None                          # the ThreadPoolExecutor, made in main()
 
 
+def where(address):
+    """An Acceptor's address as ADDR is written: HOST:PORT, [V6]:PORT or unix:PATH."""
+    if isinstance(address, str):                 # a unix path, or "@name" (abstract)
+        return "unix:" + address
+    host, port = address[:2]
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
 def main(argv):
     global POOL
-    ap = argparse.ArgumentParser(prog="python examples/async_http.py",
-                                 description="HTTP/1.1 server answering from a thread pool, in order")
-    ap.add_argument("addr", metavar="ADDR", help='e.g. 127.0.0.1:8080, ":8080", "[::1]:8080"')
-    ap.add_argument("--pollers", type=int, default=1, metavar="N", help="poller threads (default 1)")
-    ap.add_argument("--threads", type=int, default=8, metavar="N", help="worker threads (default 8)")
-    ap.add_argument("--backend", default="auto", help="auto (default), epoll or selectors")
+    ap = argparse.ArgumentParser(prog="python3 examples/async_http.py",
+                                 description="HTTP/1.1 server answering from a thread pool, in order",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("addr", metavar="ADDR",
+                    help='e.g. 127.0.0.1:8080, ":8080" (every interface), "[::1]:8080", "unix:/path"')
+    ap.add_argument("--pollers", type=int, default=1, metavar="N", help="poller threads")
+    ap.add_argument("--threads", type=int, default=8, metavar="N", help="worker threads")
+    ap.add_argument("--backend", default="auto", help="auto, epoll or selectors")
     args = ap.parse_args(argv)
+    if args.pollers < 1 or args.threads < 1:
+        ap.error("--pollers and --threads must be positive")
     try:
         reactor = goev.Reactor(args.pollers, backend=args.backend)
+    except (ValueError, OSError) as e:                # an unknown --backend, or no epoll here
+        ap.error(str(e))
+    try:
         acceptor = goev.Acceptor(reactor, args.addr, HttpConn)
-    except (TypeError, ValueError, OSError) as e:
-        print("async_http: %s" % e, file=sys.stderr)
+    except (ValueError, OSError) as e:
+        reactor.stop()
+        print("async_http: cannot listen on %s: %s" % (args.addr, e), file=sys.stderr)
         return 2
-    POOL = concurrent.futures.ThreadPoolExecutor(max(1, args.threads), thread_name_prefix="worker")
+    POOL = concurrent.futures.ThreadPoolExecutor(args.threads, thread_name_prefix="worker")
     # init_cache before the pollers run; sync_cache afterwards, once a second.
     reactor.init_cache("date", email.utils.formatdate(usegmt=True))
 
@@ -260,9 +276,8 @@ def main(argv):
     # stop() is safe from a signal handler: run() returns, every socket closes.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: reactor.stop())
-    host, port = acceptor.address[:2]
-    print("async_http: listening on %s:%d (%s, %d poller%s, %d worker threads)" % (
-        host, port, reactor.backend, args.pollers, "s" * (args.pollers > 1), args.threads),
+    print("async_http: listening on %s (%s, %d poller%s, %d worker threads)" % (
+        where(acceptor.address), reactor.backend, args.pollers, "s" * (args.pollers > 1), args.threads),
         file=sys.stderr, flush=True)
     try:
         reactor.run()

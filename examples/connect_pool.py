@@ -15,11 +15,11 @@ What it teaches:
 Try it (the test suite does the same against its own redis-server):
 
     redis-server --port 6379 --save '' --appendonly no &
-    python examples/connect_pool.py 127.0.0.1:6379 --workers 4 --requests 5
+    python3 examples/connect_pool.py 127.0.0.1:6379 --workers 4 --requests 5
     redis-cli -p 6379 GET goev:worker0:0          # -> "value-0-0"
 
 Exit codes: 0 when every request got its reply (or after Ctrl-C/SIGTERM),
-1 if redis cannot be reached or a reply is wrong.
+1 if redis cannot be reached or a reply is wrong, 2 for a bad argument.
 """
 
 import argparse
@@ -171,14 +171,22 @@ def show(value):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="A goev ConnectPool against redis.")
+    ap = argparse.ArgumentParser(prog="python3 examples/connect_pool.py",
+                                 description="A goev ConnectPool against redis.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("addr", nargs="?", default="127.0.0.1:6379", metavar="ADDR",
-                    help="redis address (default 127.0.0.1:6379)")
-    ap.add_argument("--workers", type=int, default=4, help="worker threads (default 4)")
-    ap.add_argument("--requests", type=int, default=5, help="PING/SET/GET rounds per worker")
-    ap.add_argument("--pollers", type=int, default=1, help="reactor pollers (default 1)")
-    ap.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for redis")
+                    help="redis address")
+    ap.add_argument("--workers", type=int, default=4, metavar="N", help="worker threads")
+    ap.add_argument("--requests", type=int, default=5, metavar="N", help="PING/SET/GET rounds per worker")
+    ap.add_argument("--pollers", type=int, default=1, metavar="N", help="reactor pollers")
+    ap.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds to wait for redis")
     args = ap.parse_args(argv)
+    if args.workers < 1 or args.requests < 0 or args.pollers < 1 or not args.timeout > 0:
+        ap.error("--workers, --pollers and --timeout must be positive, --requests >= 0")
+    try:
+        goev.parse_address(args.addr)        # a malformed ADDR fails here, before any thread starts
+    except (ValueError, OSError) as e:
+        ap.error("bad ADDR: %s" % e)
 
     stop = threading.Event()
     reactor = goev.Reactor(args.pollers)

@@ -25,7 +25,7 @@ closes the connection once the last byte is flushed (``Connection: close``).
 
 Try it:
 
-    python examples/download.py 127.0.0.1:8080 /usr/bin/python3 --rate 100k
+    python3 examples/download.py 127.0.0.1:8080 /usr/bin/python3 --rate 100k
     curl -o /tmp/copy http://127.0.0.1:8080/          # about 100 KiB/s
     curl --limit-rate 10k -o /dev/null http://127.0.0.1:8080/   # a slow reader
 """
@@ -185,14 +185,25 @@ def parse_rate(text):
     return value
 
 
+def where(address):
+    """An Acceptor's address as ADDR is written: HOST:PORT, [V6]:PORT or unix:PATH."""
+    if isinstance(address, str):                 # a unix path, or "@name" (abstract)
+        return "unix:" + address
+    host, port = address[:2]
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
 def main(argv=None):
     global FILE_FD, RATE, SENDFILE
-    ap = argparse.ArgumentParser(description="Serve FILE to every HTTP GET on ADDR.")
-    ap.add_argument("addr", metavar="ADDR", help='address to listen on, e.g. "127.0.0.1:8080"')
+    ap = argparse.ArgumentParser(prog="python3 examples/download.py",
+                                 description="Serve FILE to every HTTP GET on ADDR.")
+    ap.add_argument("addr", metavar="ADDR",
+                    help='address to listen on, e.g. "127.0.0.1:8080" or ":8080" (every interface)')
     ap.add_argument("file", metavar="FILE", help="the file to serve")
     ap.add_argument("--rate", type=parse_rate, default=0, metavar="BYTES_PER_S",
-                    help="per-connection rate limit, e.g. 100k (default: unlimited)")
-    ap.add_argument("--sendfile", action="store_true", help="send with os.sendfile (zero copy)")
+                    help="per-connection rate limit, e.g. 100k (default: 0, unlimited)")
+    ap.add_argument("--sendfile", action="store_true",
+                    help="send with os.sendfile (zero copy) (default: off, read + write)")
     args = ap.parse_args(argv)
     try:
         FILE_FD = os.open(args.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -209,9 +220,8 @@ def main(argv=None):
                 return 2
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: r.stop())
-            host, port = acceptor.address[:2]
-            print("download: listening on %s:%d, serving %s (%d bytes)%s%s" % (
-                host, port, args.file, os.fstat(FILE_FD).st_size,
+            print("download: listening on %s, serving %s (%d bytes)%s%s" % (
+                where(acceptor.address), args.file, os.fstat(FILE_FD).st_size,
                 " at %d B/s" % RATE if RATE else "", " with sendfile" if SENDFILE else ""),
                 file=sys.stderr, flush=True)
             r.run()

@@ -7,10 +7,17 @@ docstring, with an address argument and a clean stop on Ctrl-C / SIGTERM.
 
 Try it:
 
-    python examples/echo.py 127.0.0.1:8080
+    python3 examples/echo.py 127.0.0.1:8080
     socat - TCP:127.0.0.1:8080          # or:  nc 127.0.0.1 8080
+
+    python3 examples/echo.py unix:/tmp/echo.sock
+    socat - UNIX-CONNECT:/tmp/echo.sock
+
+An address that cannot be listened on (in use, malformed) prints one line
+and exits with status 2.
 """
 
+import argparse
 import os
 import signal
 import sys
@@ -28,18 +35,31 @@ class Echo(goev.IOHandle):
         return bool(data)           # False closes (after the flush)
 
 
+def where(address):
+    """An Acceptor's address as ADDR is written: HOST:PORT, [V6]:PORT or unix:PATH."""
+    if isinstance(address, str):                 # a unix path, or "@name" (abstract)
+        return "unix:" + address
+    host, port = address[:2]
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
 def main(argv):
-    if len(argv) != 1:
-        print("usage: python examples/echo.py ADDR   (e.g. 127.0.0.1:8080)", file=sys.stderr)
-        return 2
+    ap = argparse.ArgumentParser(prog="python3 examples/echo.py",
+                                 description="A TCP (or unix socket) echo server on goev.")
+    ap.add_argument("addr", metavar="ADDR",
+                    help='"127.0.0.1:8080", ":8080" (every interface), "[::1]:8080" or "unix:/path"')
+    args = ap.parse_args(argv)
     with goev.Reactor() as r:
-        acceptor = goev.Acceptor(r, argv[0], Echo)
+        try:
+            acceptor = goev.Acceptor(r, args.addr, Echo)
+        except (ValueError, OSError) as e:
+            print("echo: cannot listen on %s: %s" % (args.addr, e), file=sys.stderr)
+            return 2
         # stop() is safe from a signal handler: the loop ends, run() returns,
         # and leaving the with-block closes every socket.  Exit code 0.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: r.stop())
-        host, port = acceptor.address[:2]
-        print("echo: listening on %s:%d" % (host, port), file=sys.stderr, flush=True)
+        print("echo: listening on %s" % where(acceptor.address), file=sys.stderr, flush=True)
         r.run()                         # until r.stop()
     return 0
 

@@ -13,7 +13,7 @@ The lessons:
    without a lock (the Go original's PollSyncCache).
 
 Try it:
-    python examples/http_hello.py 127.0.0.1:8080 --pollers 2
+    python3 examples/http_hello.py 127.0.0.1:8080 --pollers 2
     curl -v http://127.0.0.1:8080/
     curl -s --http1.1 http://127.0.0.1:8080/a http://127.0.0.1:8080/b   # keep-alive
     wrk -t2 -c50 -d5s http://127.0.0.1:8080/
@@ -109,10 +109,15 @@ def build_response():
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("addr", nargs="?", default="127.0.0.1:8080")
-    ap.add_argument("--pollers", type=int, default=2, help="connection pollers")
+    ap = argparse.ArgumentParser(prog="python3 examples/http_hello.py",
+                                 description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("addr", metavar="ADDR", nargs="?", default="127.0.0.1:8080",
+                    help='address to listen on; ":8080" is every interface')
+    ap.add_argument("--pollers", type=int, default=2, metavar="N", help="connection pollers")
     args = ap.parse_args()
+    if args.pollers < 1:
+        ap.error("--pollers must be positive")
 
     accept_reactor = goev.Reactor(1)
     conn_reactor = goev.Reactor(args.pollers)
@@ -128,7 +133,7 @@ def main():
     except (OSError, ValueError) as e:
         accept_reactor.stop()
         conn_reactor.stop()
-        print("http_hello: %s" % e, file=sys.stderr)
+        print("http_hello: cannot listen on %s: %s" % (args.addr, e), file=sys.stderr)
         return 2
 
     def stop(*_):

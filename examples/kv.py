@@ -35,7 +35,7 @@ Both wire forms work: RESP arrays (what clients send) and inline commands
 
 Try it::
 
-    python examples/kv.py 127.0.0.1:6380
+    python3 examples/kv.py 127.0.0.1:6380
     redis-cli -p 6380 set greeting hello ex 60     # then: get greeting / ttl greeting
     redis-benchmark -p 6380 -t set,get -P 16 -n 20000 -q
     printf 'PING\\r\\n' | nc -q1 127.0.0.1 6380     # an inline command
@@ -519,8 +519,9 @@ class Client(goev.IOHandle):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="a Redis-compatible key/value server on goev")
-    parser.add_argument("addr", metavar="ADDR", help='e.g. "127.0.0.1:6380" or ":6380"')
+    parser = argparse.ArgumentParser(prog="python3 examples/kv.py",
+                                     description="a Redis-compatible key/value server on goev")
+    parser.add_argument("addr", metavar="ADDR", help='e.g. "127.0.0.1:6380" or ":6380" (every interface)')
     parser.add_argument("--pollers", type=int, default=1, metavar="N", help="poller threads (default 1)")
     parser.add_argument("--max-query-bytes", type=int, default=MAX_QUERY, metavar="BYTES",
                         help="the most one command may hold, each argument counted as its length + %d; "

@@ -9,7 +9,7 @@ left to ``fd % N`` chance.  The same trick across *processes* is what
 ``goev.serve(workers=N)`` does to use every core.
 
 Try it:
-    python examples/reuseport.py 127.0.0.1:8080 --pollers 4
+    python3 examples/reuseport.py 127.0.0.1:8080 --pollers 4
     for i in $(seq 20); do echo hi | socat - TCP:127.0.0.1:8080; done
     # or: wrk -t2 -c50 -d5s http://127.0.0.1:8080/   (answers HTTP too)
 Ctrl-C prints how many connections each poller accepted.
@@ -53,10 +53,16 @@ class Hello(goev.IOHandle):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("addr", nargs="?", default="127.0.0.1:8080")
-    ap.add_argument("--pollers", type=int, default=2)
+    ap = argparse.ArgumentParser(prog="python3 examples/reuseport.py",
+                                 description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("addr", metavar="ADDR", nargs="?", default="127.0.0.1:8080",
+                    help='address to listen on (TCP: SO_REUSEPORT); ":8080" is every interface')
+    ap.add_argument("--pollers", type=int, default=2, metavar="N",
+                    help="pollers, each with its own listener")
     args = ap.parse_args()
+    if args.pollers < 1:
+        ap.error("--pollers must be positive")
     reactor = goev.Reactor(args.pollers)
     try:
         first = goev.Acceptor(reactor, args.addr, Hello, reuse_port=True, poller=0)
@@ -66,7 +72,7 @@ def main():
             goev.Acceptor(reactor, (host, port), Hello, reuse_port=True, poller=i)
     except (OSError, ValueError) as e:
         reactor.stop()
-        print("reuseport: %s" % e, file=sys.stderr)
+        print("reuseport: cannot listen on %s: %s" % (args.addr, e), file=sys.stderr)
         return 2
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: reactor.stop())

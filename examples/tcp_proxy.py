@@ -29,8 +29,8 @@ bounded the same way); a failed upstream connect closes the client.
 
 Try it (e.g. in front of a web server or redis):
 
-    python -m http.server --bind 127.0.0.1 8000 &
-    python examples/tcp_proxy.py 127.0.0.1:8080 127.0.0.1:8000
+    python3 -m http.server --bind 127.0.0.1 8000 &
+    python3 examples/tcp_proxy.py 127.0.0.1:8080 127.0.0.1:8000
     curl -v http://127.0.0.1:8080/
     redis-cli -p 8080 PING              # with: tcp_proxy.py 127.0.0.1:8080 127.0.0.1:6379
 """
@@ -240,13 +240,26 @@ UPSTREAM = None
 CONNECTOR = None
 
 
+def where(address):
+    """An Acceptor's address as ADDR is written: HOST:PORT, [V6]:PORT or unix:PATH."""
+    if isinstance(address, str):                 # a unix path, or "@name" (abstract)
+        return "unix:" + address
+    host, port = address[:2]
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
 def main(argv=None):
     global UPSTREAM, CONNECTOR
-    ap = argparse.ArgumentParser(description="TCP proxy: relay LISTEN <-> UPSTREAM.")
-    ap.add_argument("listen", metavar="LISTEN", help='address to listen on, e.g. "127.0.0.1:8080"')
+    ap = argparse.ArgumentParser(prog="python3 examples/tcp_proxy.py",
+                                 description="TCP proxy: relay LISTEN <-> UPSTREAM.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("listen", metavar="LISTEN",
+                    help='address to listen on, e.g. "127.0.0.1:8080" or ":8080" (every interface)')
     ap.add_argument("upstream", metavar="UPSTREAM", help='address to relay to, e.g. "127.0.0.1:6379"')
-    ap.add_argument("--pollers", type=int, default=1, metavar="N", help="poller threads (default 1)")
+    ap.add_argument("--pollers", type=int, default=1, metavar="N", help="poller threads")
     args = ap.parse_args(argv)
+    if args.pollers < 1:
+        ap.error("--pollers must be positive")
     # Resolve UPSTREAM once, now: a malformed address fails at start, and
     # connect() never has to look a host name up on a poller thread (blocking it).
     try:
@@ -264,8 +277,8 @@ def main(argv=None):
             return 2
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: r.stop())
-        host, port = acceptor.address[:2]
-        print("tcp_proxy: listening on %s:%d -> %s" % (host, port, args.upstream), file=sys.stderr, flush=True)
+        print("tcp_proxy: listening on %s -> %s" % (where(acceptor.address), args.upstream),
+              file=sys.stderr, flush=True)
         r.run()
     return 0
 

@@ -1,7 +1,7 @@
 """threads_baseline.py -- the classic design goev replaces: one thread per connection.
 
 Lesson: this is the same echo server and the same keep-alive "Hello, World!"
-HTTP server as ``python -m goev echo|http``, written the way the standard
+HTTP server as ``python3 -m goev echo|http``, written the way the standard
 library invites you to (``socketserver.ThreadingTCPServer``): blocking
 sockets, one thread per connection, code that reads top to bottom.
 
@@ -16,12 +16,13 @@ It is simple and correct, so it is the baseline to beat:
 
 Compare with bench/ or by hand:
 
-    python examples/threads_baseline.py http 127.0.0.1:8080
+    python3 examples/threads_baseline.py http 127.0.0.1:8080
     curl http://127.0.0.1:8080/   # wrk -t2 -c100 http://127.0.0.1:8080/
-    python examples/threads_baseline.py echo 127.0.0.1:8081
+    python3 examples/threads_baseline.py echo 127.0.0.1:8081
     socat - TCP:127.0.0.1:8081
 """
 
+import argparse
 import signal
 import socket
 import socketserver
@@ -114,15 +115,18 @@ def parse_addr(text):
 
 
 def main(argv):
-    if len(argv) != 2 or argv[0] not in ("echo", "http"):
-        print("usage: python examples/threads_baseline.py echo|http ADDR", file=sys.stderr)
-        return 2
+    ap = argparse.ArgumentParser(prog="python3 examples/threads_baseline.py",
+                                 description="One thread per connection (socketserver): the baseline.")
+    ap.add_argument("kind", choices=("echo", "http"), help="which server")
+    ap.add_argument("addr", metavar="ADDR",
+                    help='"127.0.0.1:8080", ":8080" (every interface) or "[::1]:8080"')
+    args = ap.parse_args(argv)
     try:
-        host, port = parse_addr(argv[1])
+        host, port = parse_addr(args.addr)
         cls = Server6 if ":" in host else Server
-        server = cls((host, port), EchoHandler if argv[0] == "echo" else HttpHandler)
-    except (ValueError, OSError) as e:
-        print("threads_baseline: cannot listen on %s: %s" % (argv[1], e), file=sys.stderr)
+        server = cls((host, port), EchoHandler if args.kind == "echo" else HttpHandler)
+    except (ValueError, OSError, OverflowError) as e:       # (OverflowError: a port above 65535)
+        print("threads_baseline: cannot listen on %s: %s" % (args.addr, e), file=sys.stderr)
         return 2
     # serve_forever() runs on a thread of its own: shutdown() must be called from
     # another thread than serve_forever's (it waits for the loop to finish).  The
@@ -134,7 +138,7 @@ def main(argv):
     loop = threading.Thread(target=server.serve_forever, name="accept-loop")
     loop.start()
     host, port = server.server_address[:2]
-    print("threads_baseline: %s server listening on %s:%d" % (argv[0], host, port),
+    print("threads_baseline: %s server listening on %s:%d" % (args.kind, host, port),
           file=sys.stderr, flush=True)
     signal.sigwait(sigs)
     server.shutdown()

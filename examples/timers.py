@@ -17,9 +17,10 @@ and the program stops itself after about one second.
 
 Try it:
 
-    python examples/timers.py
+    python3 examples/timers.py
 """
 
+import argparse
 import os
 import signal
 import sys
@@ -54,7 +55,10 @@ class Heartbeat(goev.IOHandle):
         return self.beats < 3        # the third returns False: the timer stops
 
 
-def main():
+def main(argv=None):
+    # No options: argparse gives --help and refuses stray arguments (exit 2).
+    argparse.ArgumentParser(prog="python3 examples/timers.py",
+                            description="goev's timers, shown on a one-second timeline.").parse_args(argv)
     reactor = goev.Reactor()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: reactor.stop())

@@ -28,8 +28,8 @@ on the same socket, parsed incrementally in ``on_read``.
 
 Try it (the client comes with ``pip install websockets``)::
 
-    python examples/websocket.py 127.0.0.1:8080
-    python -m websockets ws://127.0.0.1:8080/     # type lines, they come back
+    python3 examples/websocket.py 127.0.0.1:8080
+    python3 -m websockets ws://127.0.0.1:8080/     # type lines, they come back
     curl http://127.0.0.1:8080/                   # a plain GET gets a demo page
 
 Options: ``--pollers N`` (threads), ``--ping-interval S`` (idle ping period,
@@ -371,8 +371,9 @@ class WebSocket(goev.IOHandle):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="RFC 6455 WebSocket echo server on goev")
-    parser.add_argument("addr", metavar="ADDR", help='e.g. "127.0.0.1:8080" or ":8080"')
+    parser = argparse.ArgumentParser(prog="python3 examples/websocket.py",
+                                     description="RFC 6455 WebSocket echo server on goev")
+    parser.add_argument("addr", metavar="ADDR", help='e.g. "127.0.0.1:8080" or ":8080" (every interface)')
     parser.add_argument("--pollers", type=int, default=1, metavar="N", help="poller threads (default 1)")
     parser.add_argument("--ping-interval", type=float, default=30.0, metavar="S",
                         help="ping a client idle this many seconds (default 30)")
@@ -384,10 +385,10 @@ def main(argv=None):
                         help="the opening handshake must be done this many seconds after the "
                              "accept (default 10)")
     args = parser.parse_args(argv)
-    if (not args.ping_interval > 0 or args.max_size < 1 or args.max_fragments < 1
+    if (args.pollers < 1 or not args.ping_interval > 0 or args.max_size < 1 or args.max_fragments < 1
             or not args.handshake_timeout > 0):          # (not x > 0 also refuses "nan")
-        parser.error("--ping-interval, --max-size, --max-fragments and --handshake-timeout "
-                     "must be positive")
+        parser.error("--pollers, --ping-interval, --max-size, --max-fragments and "
+                     "--handshake-timeout must be positive")
     WebSocket.ping_interval_ms = args.ping_interval * 1000
     WebSocket.handshake_timeout_ms = args.handshake_timeout * 1000
     WebSocket.max_size = args.max_size
