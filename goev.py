@@ -258,6 +258,9 @@ def _check_port(port: Any, addr: Any) -> int:
     return port
 
 
+# The forms parse_address accepts, for error messages.
+_ADDRESS_FORMS = "':8080', '127.0.0.1:8080', '[::1]:8080', 'localhost:8080', ('host', 8080), 'unix:/path'"
+
 
 def parse_address(addr: Union[str, tuple], *, resolve: bool = True) -> tuple:
     """Turn a goev address into ``(family, sockaddr)``.
@@ -286,9 +289,19 @@ def parse_address(addr: Union[str, tuple], *, resolve: bool = True) -> tuple:
             if len(path.encode()) > _UNIX_PATH_MAX:
                 raise ValueError("unix socket path too long (max %d bytes): %r" % (_UNIX_PATH_MAX, addr))
             return socket.AF_UNIX, path
+        scheme, slashes, rest = addr.partition("://")
+        if slashes and scheme.isalnum():  # a URL: say what the address inside it is
+            hostport = rest.partition("/")[0]
+            if scheme in ("http", "https") and not hostport.rpartition("]")[2].count(":"):
+                hostport += ":80" if scheme == "http" else ":443"
+            raise ValueError("address %r is a URL: %s:// is a scheme, not an address; did you mean %r? "
+                             "(accepted: %s)" % (addr, scheme, hostport, _ADDRESS_FORMS))
         host, sep, port_s = addr.rpartition(":")
         if not sep or not port_s:
-            raise ValueError("address %r has no port (expected HOST:PORT)" % addr)
+            if addr.isdigit():
+                raise ValueError("address %r has no port; did you mean ':%s' (every IPv4 interface) "
+                                 "or '127.0.0.1:%s' (this machine only)?" % (addr, addr, addr))
+            raise ValueError("address %r has no port (accepted: %s)" % (addr, _ADDRESS_FORMS))
         if host.startswith("["):
             if not host.endswith("]"):
                 raise ValueError("malformed IPv6 address %r (expected [HOST]:PORT)" % addr)
@@ -296,7 +309,10 @@ def parse_address(addr: Union[str, tuple], *, resolve: bool = True) -> tuple:
         elif ":" in host:
             raise ValueError("IPv6 address %r must be bracketed: [HOST]:PORT" % addr)
         if not port_s.isdigit():
-            raise ValueError("port of address %r is not a number" % addr)
+            if port_s[0] == "-" and port_s[1:].isdigit():
+                raise ValueError("port %s out of range 0..65535 in %r" % (port_s, addr))
+            raise ValueError("port %r of address %r is not a number (accepted: %s)"
+                             % (port_s, addr, _ADDRESS_FORMS))
         port = _check_port(int(port_s), addr)
         if not host:
             host = "0.0.0.0"          # ":8080" means all IPv4 interfaces (as in Go goev)
@@ -336,6 +352,55 @@ def _check_int(name: str, value: Any, minimum: int, maximum: Optional[int] = Non
     if maximum is not None and value > maximum:
         raise ValueError("%s must be <= %d (%#x), got %r" % (name, maximum, maximum, value))
     return value
+
+
+def _check_pollers(pollers: Any) -> int:
+    """Validate a poller count: an int from 1 to a bound this machine can take.
+
+    Each poller is a thread with fds of its own (epoll, the waker, a listener
+    when serving), and the process's fd limit (RLIMIT_NOFILE) is mostly for
+    connections, so the bound is an eighth of that limit, and at most
+    max(64, 16 per core): threads beyond the cores add no speed (under the
+    GIL, none beyond one; processes -- serve(workers=N) -- use the cores).
+    Raises TypeError/ValueError; a count above the bound is
+    refused at once, with the reason, instead of failing on EMFILE after
+    thousands of threads."""
+    _check_int("pollers", pollers, 1)
+    cpus = os.cpu_count() or 1
+    most = max(64, 16 * cpus)
+    why = ("each poller is a thread, and threads beyond the cores add no speed (under the GIL, "
+           "beyond one): worker processes (serve(workers=N), --workers N) use the %d core%s"
+           % (cpus, "s" * (cpus > 1)))
+    try:
+        import resource
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):    # pragma: no cover - no resource module
+        nofile = resource = None                  # type: ignore[assignment]
+    if resource is not None and nofile != resource.RLIM_INFINITY and nofile // 8 < most:
+        most = max(1, nofile // 8)
+        why = ("each poller holds fds of its own (epoll, waker, a listener) and this process may "
+               "open %d fds (RLIMIT_NOFILE, `ulimit -n`), most of them for connections: an eighth "
+               "at most for pollers" % nofile)
+    if pollers > most:
+        raise ValueError("pollers=%d is too many: at most %d here (%s)" % (pollers, most, why))
+    return pollers
+
+
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_FALSE_WORDS = ("", "0", "false", "no", "off")
+
+
+def _env_flag(name: str) -> bool:
+    """An environment variable read as a switch: 1/true/yes/on (any case) is
+    True, unset or 0/false/no/off/"" is False; anything else is a ValueError
+    naming the variable and the spellings (a typo must not flip the switch)."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in _TRUE_WORDS:
+        return True
+    if value in _FALSE_WORDS:
+        return False
+    raise ValueError("%s=%r: expected one of 1, true, yes, on (on) or 0, false, no, off, empty (off)"
+                     % (name, os.environ[name]))
 
 
 def _check_delay(name: str, value: Any) -> float:
@@ -639,10 +704,17 @@ class Timer(list):
     callback and arguments at once.  It is the heap entry itself, a list
     ``[when, seq, fn, args, poller, interval]`` (periodic: ``+ [first, n]``,
     deadline n being first + n * interval, computed, so no drift): treat it as
-    opaque.  It hashes by identity.
+    opaque.  It hashes by identity.  Not made directly: ``Timer()`` raises
+    TypeError (a timer belongs to a poller's heap; ``call_later`` puts it there).
     """
     __slots__ = ()
     __hash__ = object.__hash__
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Only users call this: goev makes its timers with _new_timer (list.__new__)
+        # and fills them in place, so no Python frame per timer.
+        raise TypeError("goev.Timer is not made directly: Reactor.call_later(delay_s, fn, *args) "
+                        "or IOHandle.schedule_timer(delay_ms) returns one")
 
     when = property(_WHEN, doc="The monotonic deadline, seconds.")
     interval = property(operator.itemgetter(5), doc="The period in seconds, 0 for one-shot.")
@@ -668,6 +740,9 @@ class Timer(list):
         state = "done" if self[2] is None else "in %.3fs" % (self[0] - _monotonic())
         every = " every %gs" % self[5] if self[5] else ""
         return "<goev.Timer %s%s>" % (state, every)
+
+
+_new_timer = list.__new__      # an empty Timer without Timer.__init__
 
 
 # =============================================================================
@@ -831,14 +906,24 @@ class IOHandle:
         one length may return the same view object (releasing it is
         harmless: the next read of that length makes a new one).  Works on
         any fd, not only sockets (a pipe registered with ``add_handler``).
+
+        On a closed handler it returns an empty view (end of stream) and
+        leaves ``error`` as it is.  Raises RuntimeError on a handler that was
+        never registered (read in on_read: on_open runs before registration).
         """
         p = self.poller
-        readv = p._readv                        # (a local: calling an instance attribute is slower)
         try:
+            readv = p._readv                    # (a local: calling an instance attribute is slower)
             n = readv(self.fd, p._rlist)        # os.readv into the shared buffer
         except BlockingIOError:
             return None
+        except AttributeError:                  # no poller (p is None): see _read_unregistered
+            if p is not None:
+                raise
+            return self._read_unregistered()
         except OSError as e:                    # a reset: end of stream, with the reason kept
+            if self.fd < 0:                     # closed (EBADF): no error of the connection's
+                return _EMPTY_VIEW
             self.error = _bare(e)               # (see _bare: no traceback kept)
             n = 0
         if n:
@@ -875,6 +960,15 @@ class IOHandle:
             self._update()
         return _EMPTY_VIEW
 
+    def _read_unregistered(self) -> memoryview:
+        """read() without a poller: end of stream once closed, else a RuntimeError
+        that says where reading works."""
+        if self._state == _CLOSED:
+            return _EMPTY_VIEW
+        raise RuntimeError("read() on %s, which is not registered with a reactor: read in on_read "
+                           "(on_open runs before registration; Reactor.add_handler registers)"
+                           % _safe_repr(self))
+
     # -- writing ----------------------------------------------------------------
 
     def write(self, data: Any) -> None:
@@ -882,7 +976,9 @@ class IOHandle:
 
         Never blocks.  From a thread other than the owning poller's it behaves as
         ``async_write``.  After ``close()`` data is dropped and counted in
-        ``dropped_bytes``.  Above the high water mark reading pauses.
+        ``dropped_bytes``.  Above the high water mark reading pauses.  Raises
+        RuntimeError on a handler that has no connection yet (never accepted or
+        connected: fd -1); ``on_open`` is the first place to write.
         """
         p = self.poller
         if p is None:                     # not registered yet (a write in on_open)
@@ -1013,7 +1109,12 @@ class IOHandle:
         self.on_write_drained()
 
     def _write_failed(self, e: OSError) -> None:
-        """The peer is gone (EPIPE/ECONNRESET): drop the queue, close quietly."""
+        """The peer is gone (EPIPE/ECONNRESET): drop the queue, close quietly.
+        No fd at all (EBADF on fd -1: a closed handler's data was dropped before
+        the write) is a RuntimeError: the handler has no connection yet."""
+        if self.fd < 0:
+            raise RuntimeError("write() on %s, which has no connection yet (fd %d): write from on_open "
+                               "on, once accepted or connected" % (_safe_repr(self), self.fd)) from None
         self.error = _bare(e)
         self._drop_queue()
         self._eof = True
@@ -1633,10 +1734,11 @@ class _Poller:
         RuntimeError once the poller is DONE (nothing would ever run it)."""
         if self._state == _DONE:
             raise RuntimeError("the reactor is stopped: cannot schedule %s" % _safe_repr(fn))
+        t = _new_timer(Timer)                  # (Timer() itself refuses: see Timer.__init__)
         if interval:                           # periodic: first deadline and period count
-            t = Timer((when, 0, fn, args, self, interval, when, 0))
+            t += (when, 0, fn, args, self, interval, when, 0)
         else:
-            t = Timer((when, 0, fn, args, self, 0.0))
+            t += (when, 0, fn, args, self, 0.0)
         if self._direct():
             self._push_timer(t)
         else:
@@ -2145,11 +2247,13 @@ class _Poller:
 class Reactor:
     """N pollers (event loops on threads) and the handlers placed on them.
 
-    Parameters: ``pollers`` (>= 1), ``backend`` ("auto", "epoll", "selectors";
+    Parameters: ``pollers`` (>= 1, and at most what the fd limit and the
+    cores make sensible: see _check_pollers), ``backend`` ("auto", "epoll", "selectors";
     auto honours the GOEV_BACKEND environment variable), ``read_buffer_size``
     (bytes of each poller's shared read buffer, 1 .. 0x7ffff000),
     ``trace`` (print every loop step to stderr; None: on if the GOEV_TRACE
-    environment variable is set to anything but "" or "0"), ``slow_callback_ms``
+    environment variable is 1, true, yes or on; 0, false, no, off, empty or
+    unset is off, and any other value a ValueError), ``slow_callback_ms``
     (log a WARNING on the "goev" logger naming any handler callback, timer or
     posted function that holds its poller longer than this many
     milliseconds; None: off).  Raises ValueError/TypeError on bad arguments;
@@ -2160,11 +2264,11 @@ class Reactor:
     def __init__(self, pollers: int = 1, *, backend: str = "auto",
                  read_buffer_size: int = DEFAULT_READ_BUFFER, trace: Optional[bool] = None,
                  slow_callback_ms: Optional[float] = None) -> None:
-        _check_int("pollers", pollers, 1)
+        _check_pollers(pollers)
         _check_int("read_buffer_size", read_buffer_size, 1, _MAX_READ)
         backend_cls = _pick_backend(backend)
         if trace is None:
-            trace = os.environ.get("GOEV_TRACE", "") not in ("", "0")
+            trace = _env_flag("GOEV_TRACE")
         slow = None
         if slow_callback_ms is not None:
             slow = _check_delay("slow_callback_ms", slow_callback_ms) / 1000.0
@@ -2737,7 +2841,7 @@ class Acceptor(IOHandle):
         self._family = family
         self._unix_path = None
         self._retry = False
-        self._episode: Optional[list] = None     # [errno, failures] while accept() keeps failing
+        self._episode: Optional[list] = None     # [errno, failures, since] while accept() keeps failing
         try:
             if fd is not None and rcvbuf and family != socket.AF_UNIX:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -2818,9 +2922,7 @@ class Acceptor(IOHandle):
                 self._accept_failing(e)          # EMFILE & co., or unexpected: pause, retry
                 break
             if self._episode is not None:
-                _log.warning("%s: accepting again after %d failed accept() calls (%s)", _safe_repr(self),
-                             self._episode[1], os.strerror(self._episode[0]))
-                self._episode = None
+                self._episode_ends("accepting again")
             if stages or nodelay:
                 # A socket object: socket.socket's C base class, without its
                 # Python-level __init__ and close() (the stages close it themselves).
@@ -2855,18 +2957,28 @@ class Acceptor(IOHandle):
     def _accept_failing(self, e: OSError) -> None:
         """accept() failed and will fail again at once (EMFILE: Linux keeps the
         listener readable, so retrying now would spin): stop polling the
-        listener for _ACCEPT_RETRY_MS and retry.  One log line per episode: the
-        first failure, then the count when accepting works again."""
+        listener for _ACCEPT_RETRY_MS and retry.  Two log lines per episode, not
+        one per retry: the first failure, then (_episode_ends) the count and
+        the duration when accepting works again or the listener closes."""
         if self._episode is None:
-            self._episode = [e.errno or 0, 0]
+            self._episode = [e.errno or 0, 0, _monotonic()]
             level = logging.WARNING if e.errno in _ACCEPT_TRANSIENT else logging.ERROR
-            _log.log(level, "%s: accept failed (%s); pausing %d ms between retries until it works",
-                     _safe_repr(self), e, _ACCEPT_RETRY_MS)
+            _log.log(level, "%s: accept failed (%s); pausing %d ms between retries until it works "
+                     "(logged again when it ends)", _safe_repr(self), e, _ACCEPT_RETRY_MS)
         self._episode[1] += 1
         self._retry = True
         self._paused = True
         self._update()
         self.schedule_timer(_ACCEPT_RETRY_MS)
+
+    def _episode_ends(self, how: str) -> None:
+        """The end of an accept-failure episode: one WARNING with its count and length."""
+        episode, self._episode = self._episode, None
+        if episode is None:
+            return
+        code, failures, since = episode
+        _log.warning("%s: %s after %d failed accept() calls over %.1f s (%s)", _safe_repr(self), how,
+                     failures, _monotonic() - since, os.strerror(code))
 
     def _proceed(self, i: int, conn: Any, peer: Any, prepare: Optional[Callable] = None) -> None:
         """Hand the accepted socket ``conn`` to accept stage ``i``; after the last
@@ -2926,6 +3038,8 @@ class Acceptor(IOHandle):
             p._finish_closes()                      # no loop step will: now
 
     def on_close(self) -> None:
+        if self._episode is not None:
+            self._episode_ends("stopped listening")
         self.destroy()
         if self._unix_path:
             try:
@@ -4629,7 +4743,7 @@ def serve(addr: Union[str, tuple, None], factory: Callable[[], IOHandle], *, wor
     Main thread only (it installs signal handlers).
     """
     _check_int("workers", workers, 1)
-    _check_int("pollers", pollers, 1)
+    _check_pollers(pollers)
     _check_delay("drain_timeout", drain_timeout)
     if slow_callback_ms is not None:
         _check_delay("slow_callback_ms", slow_callback_ms)
@@ -4638,7 +4752,9 @@ def serve(addr: Union[str, tuple, None], factory: Callable[[], IOHandle], *, wor
         raise TypeError("factory must be callable, got %r" % (factory,))
     socks = _listen_fds()
     if not socks and addr is None:
-        raise ValueError("addr is required (systemd passed no listening sockets: LISTEN_FDS)")
+        raise ValueError("an address is needed, e.g. '127.0.0.1:8080' (accepted: %s); addr may be None "
+                         "only under systemd socket activation, which passes the listening sockets "
+                         "(LISTEN_FDS: none here)" % _ADDRESS_FORMS)
     reuse_port = acceptor_kw.pop("reuse_port", None)
     if workers == 1:
         return _serve_here(addr, factory, pollers, backend, drain_timeout, bool(reuse_port), ready,
@@ -5065,14 +5181,35 @@ class _HttpHandler(IOHandle):
         return True
 
 
+def _tls_files_problem(cert: str, key: Optional[str]) -> Optional[str]:
+    """What is wrong with the --tls-cert/--tls-key files, in words that say
+    what to do, or None if they look usable (ssl then has the last word)."""
+    for opt, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if path is None:
+            continue
+        try:
+            with open(path, "rb") as f:
+                text = f.read()
+        except OSError as e:
+            return "cannot read the %s file %s: %s" % (opt, path, e.strerror or e)
+        if opt == "--tls-cert" and b"-----BEGIN CERTIFICATE-----" not in text:
+            return "no PEM certificate (-----BEGIN CERTIFICATE-----) in %s" % path
+        if (opt == "--tls-key" or key is None) and not re.search(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----", text):
+            if opt == "--tls-key":
+                return "no PEM private key (-----BEGIN ... PRIVATE KEY-----) in %s" % path
+            return "no private key in %s; pass --tls-key KEY (the key's PEM file)" % path
+    return None
+
+
 def _main(argv: Optional[list] = None) -> int:           # pragma: no cover - run as a process
     import argparse
     parser = argparse.ArgumentParser(prog="python -m goev", description="goev reactor servers")
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.required = True
+    subs = {}
     for name, helptext in (("echo", "a TCP echo server"),
                            ("http", 'a keep-alive HTTP/1.1 "Hello, World!" server (pipelining)')):
-        sp = sub.add_parser(name, help=helptext, description="Run %s on ADDR." % helptext)
+        sp = subs[name] = sub.add_parser(name, help=helptext, description="Run %s on ADDR." % helptext)
         sp.add_argument("addr", metavar="ADDR", nargs="?",
                         help='":8080", "127.0.0.1:8080", "[::1]:8080", "unix:/path"; omitted (or '
                              'ignored) when systemd passes the listening socket (socket activation)')
@@ -5087,6 +5224,10 @@ def _main(argv: Optional[list] = None) -> int:           # pragma: no cover - ru
         sp.add_argument("--tls-key", metavar="KEY", help="its PEM private key (default: in CERT)")
         sp.add_argument("--proxy-protocol", action="store_true",
                         help="expect a PROXY protocol v1/v2 header (HAProxy send-proxy) on every connection")
+        sp.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        type=str.upper, metavar="LEVEL",
+                        help='the "goev" logger\'s level: DEBUG (also each rejected PROXY header and failed '
+                             'TLS handshake), INFO (also reloads), WARNING (default), ERROR')
         if name == "http":
             sp.add_argument("--header-timeout", type=float, default=_HTTP_TIMEOUTS[0], metavar="SECONDS",
                             help="close a connection whose request head is not complete within this "
@@ -5096,29 +5237,48 @@ def _main(argv: Optional[list] = None) -> int:           # pragma: no cover - ru
                                  % _HTTP_TIMEOUTS[1])
         sp.epilog = ("SIGTERM/SIGINT: drain and stop.  With --workers N, SIGHUP reloads with zero "
                      "downtime (a new generation of workers, then the old one drains).")
-    args = parser.parse_args(argv)
+    # Unknown options are reported by the subcommand's parser, with its usage
+    # (argparse reports them from the top-level parser otherwise).
+    args, extra = parser.parse_known_args(argv)
+    sp = subs[args.cmd]
+    if extra:
+        sp.error("unrecognized arguments: %s" % " ".join(extra))
+    if args.addr is None and os.environ.get("LISTEN_PID", "") != str(os.getpid()):
+        sp.error("ADDR is needed, e.g. 127.0.0.1:8080 (this machine) or :8080 (every IPv4 interface); "
+                 "it may be left out only under systemd socket activation (LISTEN_FDS)")
+    log = logging.getLogger("goev")
+    log.setLevel(args.log_level)
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()      # stderr; the pid tells workers apart
+        handler.setFormatter(logging.Formatter("goev[%(process)d] %(levelname)s: %(message)s"))
+        log.addHandler(handler)
     factory = _EchoHandler if args.cmd == "echo" else _HttpHandler
     setup: Optional[Callable[[Reactor], None]] = None
     if args.cmd == "http":
         for opt in ("header_timeout", "idle_timeout"):
             value = getattr(args, opt)
             if not 0 <= value < math.inf:            # (NaN fails too)
-                parser.error("--%s must be a number of seconds >= 0, got %r" % (opt.replace("_", "-"), value))
+                sp.error("--%s must be a number of seconds >= 0, got %r" % (opt.replace("_", "-"), value))
 
         def http_setup(reactor: Reactor) -> None:
             _http_setup(reactor, args.header_timeout, args.idle_timeout)
         setup = http_setup
     kw = {}
     if args.tls_key and not args.tls_cert:
-        parser.error("--tls-key needs --tls-cert")
+        sp.error("--tls-key needs --tls-cert")
     if args.tls_cert:
         if _ssllib is None:
-            parser.error("this Python has no ssl module")
+            sp.error("this Python has no ssl module")
         ctx = _ssllib.SSLContext(_ssllib.PROTOCOL_TLS_SERVER)
-        try:
-            ctx.load_cert_chain(args.tls_cert, args.tls_key)
-        except (OSError, ValueError) as e:     # ssl.SSLError is an OSError
-            print("goev: cannot load the TLS certificate/key %s: %s" % (args.tls_cert, e), file=sys.stderr)
+        problem = _tls_files_problem(args.tls_cert, args.tls_key)
+        if problem is None:
+            try:
+                ctx.load_cert_chain(args.tls_cert, args.tls_key)
+            except (OSError, ValueError) as e:     # ssl.SSLError is an OSError
+                problem = "cannot load the TLS certificate %s%s: %s" % (
+                    args.tls_cert, " with the key %s" % args.tls_key if args.tls_key else "", e)
+        if problem is not None:
+            print("goev: %s" % problem, file=sys.stderr)
             return 2
         kw["ssl"] = ctx
 
