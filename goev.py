@@ -134,7 +134,7 @@ __all__ = [                       # Part I's names; Part II adds its own
     "Reactor", "IOHandle", "Timer",
     "Acceptor", "Connector", "parse_address",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 # =============================================================================
@@ -4991,6 +4991,7 @@ class _HttpHandler(IOHandle):
 def _main(argv: Optional[list] = None) -> int:           # pragma: no cover - run as a process
     import argparse
     parser = argparse.ArgumentParser(prog="python -m goev", description="goev reactor servers")
+    parser.add_argument("--version", action="version", version="goev %s" % __version__)
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.required = True
     for name, helptext in (("echo", "a TCP echo server"),
