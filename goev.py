@@ -132,7 +132,7 @@ __all__ = [                       # Part I's names; Part II adds its own
     "Reactor", "IOHandle", "Timer",
     "Acceptor", "Connector", "parse_address",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 # =============================================================================
@@ -515,7 +515,7 @@ class _SelectorsBackend:
     native = {ev: ev for ev in _EVENT_MASKS}
 
     def __init__(self) -> None:
-        cls = selectors.DefaultSelector
+        cls: type[selectors.BaseSelector] = selectors.DefaultSelector
         if cls.__name__ == "EpollSelector" and hasattr(selectors, "PollSelector"):
             cls = selectors.PollSelector
         self._sel = cls()
@@ -549,12 +549,12 @@ class _SelectorsBackend:
         self._sel.close()
 
 
-_BACKENDS = {"selectors": _SelectorsBackend}
+_BACKENDS: dict[str, type] = {"selectors": _SelectorsBackend}
 if hasattr(select, "epoll"):
     _BACKENDS["epoll"] = _EpollBackend
 
 
-def _pick_backend(name: str) -> type:
+def _pick_backend(name: str) -> type[Any]:
     """'auto' -> GOEV_BACKEND if set, else epoll where it exists, else selectors."""
     if not isinstance(name, str):
         raise TypeError("backend must be a str, got %r" % (name,))
@@ -708,7 +708,7 @@ class Timer(list):
     TypeError (a timer belongs to a poller's heap; ``call_later`` puts it there).
     """
     __slots__ = ()
-    __hash__ = object.__hash__
+    __hash__ = object.__hash__      # type: ignore[assignment]  # list's is None: by identity here
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Only users call this: goev makes its timers with _new_timer (list.__new__)
@@ -801,12 +801,35 @@ class IOHandle:
     __slots__ = ("fd", "reactor", "poller", "_peer", "error", "_sock", "_wq", "_wq_bytes",
                  "_user", "_mask", "_state", "_eof", "_paused", "_shut_wr", "_timer",
                  "_high", "_low", "dropped_bytes", "_watcher", "_feeds", "__weakref__")
+    # The slots' types, for type checkers (annotations only: no class attribute,
+    # no run-time cost).  reactor and poller are None until the handler is
+    # accepted, connected or registered: typed as set, as every callback sees them.
+    fd: int
+    reactor: Reactor
+    poller: _Poller
+    _peer: Any
+    error: Optional[BaseException]
+    _sock: Any                  # a socket, _BARE (fd-level only) or None once closed
+    _wq: Optional[collections.deque]
+    _wq_bytes: int
+    _user: int
+    _mask: int
+    _state: int
+    _eof: bool
+    _paused: bool
+    _shut_wr: bool
+    _timer: Optional[Timer]
+    _high: int
+    _low: int
+    dropped_bytes: int
+    _watcher: Any               # see _Poller's hooks: told when the handler opens/fails/closes
+    _feeds: bool
     _feeding = False        # on_data without a read() override: see __init_subclass__
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "IOHandle":
         self = object.__new__(cls)
         self.fd = -1
-        self.reactor = self.poller = self._peer = self.error = None
+        self.reactor = self.poller = self._peer = self.error = None    # type: ignore[assignment]  # (see above)
         self._sock = self._wq = self._timer = self._watcher = None
         self._wq_bytes = self._user = self._mask = self.dropped_bytes = 0
         self._state = _OPEN
@@ -1577,7 +1600,7 @@ class _Poller:
         self._rview = memoryview(self._rbuf)
         self._rlist = [self._rview]         # readv's argument, made once
         self._views: list = [None] * _VIEW_CACHE   # length -> view of the buffer's head
-        self._long_view: Optional[memoryview] = None  # the last read of _VIEW_CACHE bytes or more
+        self._long_view: Any = None         # the last read of _VIEW_CACHE bytes or more (a memoryview)
         # The fd-level I/O of IOHandle.read/write/_flush: os.readv/os.write/os.writev
         # take their arguments positionally (argument clinic), while the socket
         # methods parse a format string per call -- about 15% of an echo's CPU.
@@ -1598,7 +1621,7 @@ class _Poller:
         # (Reactor._join).  ``p._mine._is_owned()`` is the one test of "am I on
         # this poller's thread?": a C call, no Python frame, and exact at any
         # moment (a thread id stored by the loop would stay set after it ends).
-        self._mine = _thread.RLock()
+        self._mine: Any = _thread.RLock()   # (Any: typeshed lacks the C RLock's _is_owned)
         self._thread: Optional[threading.Thread] = None
         self._sig: Optional[tuple] = None   # (socket read, written, previous fd): see _signals_wake
         self._observer: Optional[_Observer] = None   # trace or watchdog: see section 7's hooks
@@ -1939,7 +1962,7 @@ class _Poller:
         except BaseException:
             h._mask = 0
             del self._handlers[fd]
-            h.poller = None
+            h.poller = None                   # type: ignore[assignment]  # registered nowhere again
             raise
         if h.error is not None:               # a write in on_open already failed: peer gone
             self._post(h.abort)
@@ -1950,7 +1973,7 @@ class _Poller:
         except Exception:
             if self._state < _STOPPING:
                 _log.exception("could not register %s", _safe_repr(h))
-            h.poller = None
+            h.poller = None                   # type: ignore[assignment]  # registered nowhere again
             h._close_now()
 
     def _unowned(self, fd: int) -> None:
@@ -2675,7 +2698,7 @@ def _connect_failed(h: IOHandle, err: BaseException) -> None:
     h.fd = -1
     h.error = _bare(err)
     try:
-        h.on_connect_fail(h.error)
+        h.on_connect_fail(h.error)    # type: ignore[arg-type]  # an OSError, unless a bug raised
     except Exception:
         _log.exception("exception in on_connect_fail of %s", _safe_repr(h))
     if h._watcher is not None:
@@ -2832,7 +2855,7 @@ class Acceptor(IOHandle):
             sock = _adopt_listener(fd)
             family = sock.family
         else:
-            family, sockaddr = parse_address(addr)
+            family, sockaddr = parse_address(addr)    # type: ignore[arg-type]  # None: its TypeError
             sock = _bound_listener(family, sockaddr, backlog, reuse_addr, reuse_port, rcvbuf)
         self.factory = factory
         self.conn_reactor = conn_reactor or reactor
@@ -3076,6 +3099,10 @@ def _take_once(ticket: list) -> bool:
 
 class _Connecting(IOHandle):
     __slots__ = ("target", "addr", "_ticket", "_stage")
+    target: Any                   # the user's handler (an IOHandle); None once settled
+    addr: Any                     # what connect() was given, for error messages
+    _ticket: list
+    _stage: Optional[Callable]
 
     def on_write(self) -> bool:
         err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -3444,7 +3471,7 @@ class _TracedBackend:
 class _TracedSocket:
     """A socket whose I/O calls print what they did; everything else forwards."""
 
-    def __init__(self, sock: socket.socket, say: Callable[[str], None]) -> None:
+    def __init__(self, sock: Any, say: Callable[[str], None]) -> None:
         self._s, self._say = sock, say
         self._fd = sock.fileno()
 
@@ -3519,7 +3546,7 @@ class _Tracer(_Observer):
         self.say("timers: %d due" % sum(1 for t in due if t[2] is not None))
 
     # The fd-level I/O of IOHandle.read/write/_flush, printing what it did.
-    def _readv(self, fd: int, bufs: list) -> int:
+    def _readv(self, fd: int, bufs: Any) -> int:
         try:
             n = os.readv(fd, bufs)
         except BlockingIOError:
@@ -3541,7 +3568,7 @@ class _Tracer(_Observer):
             fd, len(data), n, "" if n == len(data) else " (partial: rest queued)"))
         return n
 
-    def _writev(self, fd: int, bufs: list) -> int:
+    def _writev(self, fd: int, bufs: Any) -> int:
         total = sum(map(len, bufs))
         try:
             n = os.writev(fd, bufs)
@@ -3593,6 +3620,8 @@ class _TLSTransport:
     __slots__ = ("sock", "sslobj", "incoming", "outgoing", "decrypt", "encrypt", "buffered",
                  "recv_into", "shutdown", "fileno", "getsockopt", "setsockopt",
                  "getpeername", "getsockname", "family", "eof", "notified")
+    sock: Any                     # the raw socket, or its _TracedSocket in trace mode
+    recv_into: Callable[..., int]
 
     def __init__(self, sock: socket.socket, context: Any, server_side: bool,
                  server_hostname: Optional[str]) -> None:
@@ -3801,9 +3830,10 @@ def _tls_class(cls: type) -> type:
             return cls
         try:
             bases: tuple = (cls, _TLSMixin)
-            tls = type(cls)("TLS" + cls.__name__, bases, {"__slots__": (), "__module__": cls.__module__})
+            meta: Any = type(cls)     # (Any: mypy cannot call a metaclass it only knows as type)
+            tls = meta("TLS" + cls.__name__, bases, {"__slots__": (), "__module__": cls.__module__})
         except TypeError:             # no consistent MRO (cls is IOHandle itself): mixin first
-            tls = type(cls)("TLS" + cls.__name__, (_TLSMixin, cls),
+            tls = meta("TLS" + cls.__name__, (_TLSMixin, cls),
                             {"__slots__": (), "__module__": cls.__module__})
         tls = _TLS_CLASSES.setdefault(cls, tls)
         _TLS_PLAIN[tls] = cls
@@ -3815,6 +3845,11 @@ class _TLSHandshake(IOHandle):
     transport on: ``done(transport, adopt)`` -- ``adopt(h)`` makes a handler
     take it (the class swap) -- or ``failed(err)``, exactly one of them once."""
     __slots__ = ("_server", "_timeout", "_ticket", "_done", "_failed")
+    _server: bool
+    _timeout: float
+    _ticket: list
+    _done: Optional[Callable[[Any, Callable[[IOHandle], None]], None]]    # None once settled
+    _failed: Optional[Callable[[BaseException], None]]
 
     @classmethod
     def launch(cls, reactor: "Reactor", sock: socket.socket, context: Any, server_side: bool,
@@ -4079,7 +4114,7 @@ def _proxy_parse(data: bytes) -> Optional[tuple]:
         socket.inet_pton(family, parts[3].decode("ascii"))
         ports = [int(p) for p in parts[4:] if p.isdigit() and len(p) <= 5]
     except (OSError, ValueError):
-        ports = ()
+        ports = []
     if len(ports) != 2 or max(ports) > 65535:
         raise _ProxyError("malformed PROXY v1 header %r" % bytes(data[:end]))
     return end + 2, 1, ((src, ports[0]) if family == socket.AF_INET else (src, ports[0], 0, 0))
@@ -4088,6 +4123,9 @@ def _proxy_parse(data: bytes) -> Optional[tuple]:
 class _ProxyHeader(IOHandle):
     """Reads one PROXY header on the acceptor's poller, then hands the socket on."""
     __slots__ = ("_proceed", "_timeout", "_buf")
+    _proceed: Callable[[Any, Any], None]    # (socket, client address): the next stage
+    _timeout: float
+    _buf: bytes
 
     def on_read(self) -> bool:
         sock, buf = self._sock, self._buf
@@ -4866,6 +4904,7 @@ def _http_request(head: bytes, resp: bytes) -> tuple:
     if major != b"1":
         return _HTTP_BAD_VERSION
     http11 = minor != b"0"                         # HTTP/1.x, x >= 1: as 1.1 (RFC 9110 §6.2)
+    tokens: Any                                    # Connection's values, then a set of tokens
     lengths, codings, tokens, hosts, expect = [], [], [], 0, False
     if fields:
         for name, value in _HTTP_WANTED.findall(fields.lower()):
@@ -4925,10 +4964,16 @@ class _HttpHandler(IOHandle):
     within the head timeout, and a connection idle for the idle timeout, are
     closed (see on_timeout)."""
     __slots__ = ("_buf", "_skip", "_chunk", "_pend", "_t", "_h")
+    _buf: Optional[bytes]
+    _skip: int
+    _chunk: int
+    _pend: Any                           # None or (answer, keep)
+    _t: float
+    _h: float
     _known = b""                         # see the fast path in on_read (b"": none learned yet)
 
     def __new__(cls, *a: Any, **kw: Any) -> "_HttpHandler":
-        self = IOHandle.__new__(cls)
+        self: Any = IOHandle.__new__(cls)    # (typed IOHandle; Any: the slots below are ours)
         # Unparsed bytes carried to the next read.  None exactly when the connection
         # is between requests with nothing pending (the fast path's condition); b""
         # inside a body or before the first request.
@@ -5057,7 +5102,7 @@ class _HttpHandler(IOHandle):
         resp = self.poller.cache["http_response"]
         n = len(data)
         pos = 0
-        outs = []
+        outs: list = []
         keep = True
         err = None
         heads = 0                            # heads completed in this read
@@ -5204,6 +5249,7 @@ def _tls_files_problem(cert: str, key: Optional[str]) -> Optional[str]:
 def _main(argv: Optional[list] = None) -> int:           # pragma: no cover - run as a process
     import argparse
     parser = argparse.ArgumentParser(prog="python -m goev", description="goev reactor servers")
+    parser.add_argument("--version", action="version", version="goev %s" % __version__)
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.required = True
     subs = {}
@@ -5263,7 +5309,7 @@ def _main(argv: Optional[list] = None) -> int:           # pragma: no cover - ru
         def http_setup(reactor: Reactor) -> None:
             _http_setup(reactor, args.header_timeout, args.idle_timeout)
         setup = http_setup
-    kw = {}
+    kw: dict[str, Any] = {}
     if args.tls_key and not args.tls_cert:
         sp.error("--tls-key needs --tls-cert")
     if args.tls_cert:

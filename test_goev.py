@@ -22,6 +22,7 @@ import importlib.util
 import logging
 import math
 import os
+import pathlib
 import pty
 import queue
 import random
@@ -2210,6 +2211,13 @@ def test_cli_help():
     assert res.returncode == 0 and "echo" in res.stdout
     res = run_py(["-m", "goev", "echo", "--help"])
     assert res.returncode == 0 and "ADDR" in res.stdout and "--pollers" in res.stdout
+
+
+def test_cli_version():
+    """`python -m goev --version` prints "goev VERSION" on stdout and exits 0."""
+    res = run_py(["-m", "goev", "--version"])
+    assert res.returncode == 0, res
+    assert res.stdout == "goev %s\n" % goev.__version__ and res.stderr == ""
 
 
 def _assert_one_line_exit_2(res, *named):
@@ -10694,6 +10702,196 @@ def test_async_http_malformed_input_never_prints_a_traceback(backend):
             f = s.makefile("rb")
             assert read_response(f)[::2] == (200, b"/after")
             f.close()
+
+
+# =============================================================================
+# The wheel: goev.py installed as the package goev/ (setup.py)
+# =============================================================================
+# PEP 561 reads a py.typed marker only inside a package, so the wheel installs
+# goev.py as goev/__init__.py beside py.typed and a __main__.py.  These tests
+# build the wheel from a copy of the checkout's build files, install it in a
+# fresh venv and use it from outside the checkout, as a user would.
+
+WHEEL_SOURCES = ("goev.py", "setup.py", "pyproject.toml", "README.md", "LICENSE")
+# What pip prints when it cannot get setuptools for an isolated build (no network).
+PIP_OFFLINE = ("No matching distribution found", "Could not find a version that satisfies",
+               "Failed to establish a new connection", "Network is unreachable",
+               "Temporary failure in name resolution")
+
+# A user's file with two mistakes the annotations catch: a str where a number of
+# milliseconds is required, and a method Reactor does not have.
+USER_MISUSE = '''\
+import goev
+
+
+class Echo(goev.IOHandle):
+    def on_read(self) -> bool:
+        data = self.read()
+        if data:
+            self.write(data)
+        self.schedule_timer("5")
+        return True
+
+
+with goev.Reactor() as r:
+    goev.Acceptor(r, "127.0.0.1:0", Echo)
+    r.run_forever()
+'''
+
+
+def _setuptools_builds_wheels():
+    """Can this Python's own setuptools build our wheel (pip --no-build-isolation)?"""
+    try:
+        from importlib.metadata import version
+        v = tuple(int(x) for x in version("setuptools").split(".")[:2])
+    except Exception:
+        return False
+    return v >= (70, 1) or (v >= (61, 0) and importlib.util.find_spec("wheel") is not None)
+
+
+def _venv_env():
+    """The environment of a process that must see the venv only, not this checkout."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "MYPYPATH")}
+    env["PYTHONFAULTHANDLER"] = "1"
+    return env
+
+
+class _Installed:
+    def __init__(self, root):
+        self.root = root                              # the work directory: no goev.py here
+        self.bin = root / "venv" / "bin"
+        self.python = str(self.bin / "python")
+        self.site = None
+
+
+@pytest.fixture(scope="module")
+def installed_wheel(tmp_path_factory):
+    """The wheel of this checkout, built with pip and installed in a fresh venv.
+    Offline-safe: this Python's setuptools when it can build wheels, else pip's
+    isolated build (setuptools from the index); skips when neither is possible."""
+    if importlib.util.find_spec("pip") is None:
+        pytest.skip("this Python has no pip")
+    w = _Installed(tmp_path_factory.mktemp("wheel"))
+    src = w.root / "src"
+    src.mkdir()
+    for name in WHEEL_SOURCES:
+        shutil.copy(os.path.join(HERE, name), str(src / name))
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "--no-deps",
+           "-w", str(w.root / "dist"), str(src)]
+    offline = _setuptools_builds_wheels()
+    cmd += ["--no-build-isolation"] if offline else ["--retries", "1", "--timeout", "20"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(w.root))
+    if res.returncode and not offline and any(m in res.stdout + res.stderr for m in PIP_OFFLINE):
+        pytest.skip("no setuptools to build the wheel with (not in this Python, index unreachable)")
+    assert res.returncode == 0, res.stdout + res.stderr
+    wheels = list((w.root / "dist").glob("goev-*.whl"))
+    assert len(wheels) == 1, wheels
+    w.wheel = wheels[0]
+    subprocess.run([sys.executable, "-m", "venv", str(w.root / "venv")], check=True, timeout=300)
+    res = subprocess.run([w.python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                          "--no-index", "--no-deps", str(w.wheel)],
+                         capture_output=True, text=True, timeout=300, cwd=str(w.root))
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = subprocess.run([w.python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, timeout=60, cwd=str(w.root), env=_venv_env())
+    w.site = pathlib.Path(res.stdout.strip())
+    return w
+
+
+@pytest.mark.slow
+def test_wheel_installs_goev_py_as_a_typed_package(installed_wheel):
+    """The wheel installs goev/__init__.py (goev.py byte for byte), goev/__main__.py
+    and the PEP 561 marker goev/py.typed -- no top-level goev.py beside them --
+    and a `goev` console script whose entry point is goev's CLI."""
+    w = installed_wheel
+    pkg = w.site / "goev"
+    with open(os.path.join(HERE, "goev.py"), "rb") as f:
+        assert (pkg / "__init__.py").read_bytes() == f.read()
+    assert (pkg / "py.typed").is_file()
+    assert "_main" in (pkg / "__main__.py").read_text()
+    assert not (w.site / "goev.py").exists()
+    infos = list(w.site.glob("goev-%s.dist-info" % goev.__version__))
+    assert len(infos) == 1, list(w.site.glob("goev-*"))
+    entry = (infos[0] / "entry_points.txt").read_text()
+    assert re.search(r"\[console_scripts\]\s*goev = goev:_main\b", entry), entry
+    assert os.access(str(w.bin / "goev"), os.X_OK)
+    res = subprocess.run([w.python, "-c", "import goev; print(goev.__file__); print(goev.__version__)"],
+                         capture_output=True, text=True, timeout=60, cwd=str(w.root), env=_venv_env())
+    assert res.stdout.splitlines() == [str(pkg / "__init__.py"), goev.__version__], res
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["goev", "python -m goev"])
+def test_installed_goev_prints_its_version(installed_wheel, how):
+    """The installed `goev --version` and `python -m goev --version` print
+    "goev VERSION" and exit 0, as `python -m goev --version` does in a checkout."""
+    w = installed_wheel
+    cmd = [str(w.bin / "goev")] if how == "goev" else [w.python, "-m", "goev"]
+    res = subprocess.run(cmd + ["--version"], capture_output=True, text=True, timeout=60,
+                         cwd=str(w.root), env=_venv_env())
+    assert (res.returncode, res.stdout, res.stderr) == (0, "goev %s\n" % goev.__version__, ""), res
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("how", ["goev", "python -m goev"])
+def test_installed_goev_echo_serves_and_stops_on_signal(installed_wheel, how, sig):
+    """The installed CLI is goev.py's: `goev echo` and `python -m goev echo`
+    echo, and stop on SIGINT/SIGTERM with exit code 0 and no traceback."""
+    w = installed_wheel
+    port = free_port()
+    cmd = [str(w.bin / "goev")] if how == "goev" else [w.python, "-m", "goev"]
+    p = subprocess.Popen(cmd + ["echo", "127.0.0.1:%d" % port], cwd=str(w.root), env=_venv_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        err = _Pipe(p.stderr)
+        banner = err.readline()                 # printed once the signal handlers are set
+        assert "goev %s: echo server" % goev.__version__ in banner, banner
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as c:
+            c.sendall(b"installed")
+            assert recv_exact(c, 9) == b"installed"
+            p.send_signal(sig)
+            assert p.wait(WAIT) == 0
+            assert recv_all(c) == b""
+        assert "Traceback" not in err.read_rest()
+    finally:
+        stop_child(p, signal.SIGKILL)
+
+
+def _mypy_command():
+    """How to run mypy here: this Python's, else one on PATH; None if there is none."""
+    for cmd in ([sys.executable, "-m", "mypy"], [shutil.which("mypy")]):
+        if cmd[-1] is None:
+            continue
+        try:
+            if subprocess.run(cmd + ["--version"], capture_output=True, timeout=120).returncode == 0:
+                return cmd
+        except OSError:
+            pass
+    return None
+
+
+@pytest.mark.slow
+def test_mypy_checks_user_code_against_the_installed_wheel(installed_wheel):
+    """mypy run on a user's file, against the venv the wheel is installed in,
+    reports the two misuses (a str for a number of milliseconds, a method
+    Reactor lacks): goev's annotations reach users, no "missing library stubs
+    or py.typed marker"."""
+    mypy = _mypy_command()
+    if mypy is None:
+        pytest.skip("mypy is not installed (.ci/run checks this with its own)")
+    w = installed_wheel
+    work = w.root / "user"
+    work.mkdir(exist_ok=True)
+    (work / "user.py").write_text(USER_MISUSE)
+    res = subprocess.run(mypy + ["--python-executable", w.python, "--cache-dir", str(work / ".mypy_cache"),
+                                 "user.py"], capture_output=True, text=True, timeout=300, cwd=str(work),
+                         env=_venv_env())
+    out = res.stdout + res.stderr
+    assert "py.typed" not in out and "missing library stubs" not in out, out
+    assert 'user.py:9: error: Argument 1 to "schedule_timer" of "IOHandle" has incompatible type "str"' in out, out
+    assert 'user.py:15: error: "Reactor" has no attribute "run_forever"' in out, out
+    assert "Found 2 errors in 1 file" in out and res.returncode == 1, out
 
 
 # =============================================================================
