@@ -11779,6 +11779,84 @@ def test_async_http_malformed_input_never_prints_a_traceback(backend):
 
 
 # =============================================================================
+# bench/servers: the comparison servers of bench/run.py answer like goev's
+# =============================================================================
+# bench/run.py measures goev against the servers a user would pick instead; each
+# must do the same work (echo every byte; one plaintext answer per HTTP request,
+# in order) and stop with exit status 0 on SIGTERM, or the comparison is void.
+# Twisted, tornado and gevent live in bench/.venv (run.py installs them there).
+
+_BENCH_VENV_PY = os.path.join(HERE, "bench", ".venv", "bin", "python")
+
+
+def _bench_server_python(module):
+    """The interpreter that runs a bench server needing ``module`` (None: stdlib),
+    or skip the test when bench/.venv lacks it."""
+    if module is None:
+        return sys.executable
+    missing = None
+    if not os.path.exists(_BENCH_VENV_PY):
+        missing = "bench/.venv does not exist (python bench/run.py and .ci/run create it)"
+    elif subprocess.run([_BENCH_VENV_PY, "-c", "import " + module], capture_output=True,
+                        timeout=60).returncode != 0:
+        missing = "%s is not installed in bench/.venv" % module
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+    return _BENCH_VENV_PY
+
+
+def _listening(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("script,module", [("asyncio_server.py", None), ("twisted_server.py", "twisted"),
+                                           ("tornado_server.py", "tornado"), ("gevent_server.py", "gevent")])
+def test_bench_server_echoes_and_answers_http(script, module):
+    """A bench comparison server echoes 64 bytes exactly, answers two pipelined
+    HTTP requests with two 200 plaintext responses in order on one kept-alive
+    connection, and exits 0 on SIGTERM."""
+    py = _bench_server_python(module)
+    for kind in ("echo", "http"):
+        port = free_port()
+        proc = subprocess.Popen([py, os.path.join(HERE, "bench", "servers", script), kind, "127.0.0.1:%d" % port],
+                                cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda: proc.poll() is not None or _listening(port), what="%s to listen" % script)
+            assert proc.poll() is None, proc.communicate()
+            with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
+                if kind == "echo":
+                    msg = bytes(range(64))
+                    s.sendall(msg)
+                    got = b""
+                    while len(got) < len(msg):
+                        d = s.recv(4096)
+                        assert d, got
+                        got += d
+                    assert got == msg
+                else:
+                    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
+                    f = s.makefile("rb")
+                    for _ in range(2):
+                        assert f.readline() == b"HTTP/1.1 200 OK\r\n"
+                        headers = {}
+                        for line in iter(f.readline, b"\r\n"):
+                            k, _, v = line.decode().partition(":")
+                            headers[k.lower()] = v.strip()
+                        assert headers["content-type"] == "text/plain" and headers["content-length"] == "13"
+                        assert f.read(13) == b"Hello, World!"
+                    f.close()
+        finally:
+            rc = stop_child(proc)
+        assert rc == 0, (script, kind, rc)
+
+
+# =============================================================================
 # The file itself, the wheel, and the README
 # =============================================================================
 # goev.py reads top to bottom (each name defined before use, Part I alone is a

@@ -15,18 +15,26 @@
  *       them idle until a line (or EOF) arrives on stdin; then close all.
  *
  * Output protocol (one line each, flushed): "START" when the measured window
- * begins, then "END msgs=N bytes=N errors=N elapsed=S cpu=S" when it ends (echo,
- * connect; cpu is this program's own user+system time in the window) or "READY conns=N errors=N" (idle).  Errors go to stderr.
+ * begins, then "END msgs=N bytes=N errors=N elapsed=S cpu=S p50_us=U p99_us=U"
+ * when it ends (echo, connect; cpu is this program's own user+system time in
+ * the window) or "READY conns=N errors=N" (idle).  Errors go to stderr.
+ *
+ * Latency (p50_us, p99_us: percentiles over every message or connection
+ * completed in the window, in microseconds, to about 1 %): echo mode times each
+ * message from the moment it joins its connection's send queue to the moment
+ * its last byte is echoed back (with INFLIGHT > 1 that includes the wait behind
+ * the messages ahead of it); connect mode times connect() to the verified echo.
  *
  * Source addresses: connect and idle mode spread connections over
  * 127.0.0.1..127.0.0.16 (IP_BIND_ADDRESS_NO_PORT) so that TIME_WAIT sockets
  * and many idle connections never exhaust the ephemeral port range.
  *
- * Build: gcc -O2 -Wall -o loadgen loadgen.c
+ * Build: gcc -O2 -Wall -o loadgen loadgen.c -lm
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <math.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -55,6 +63,9 @@ typedef struct {
     uint64_t sent;      /* bytes handed to the kernel */
     uint64_t want;      /* bytes we intend to have sent (sent <= want) */
     uint64_t recvd;     /* bytes echoed back and verified */
+    double t_start;     /* connect mode: when connect() was called */
+    double *queued;     /* echo mode: ring of INFLIGHT times a message was queued */
+    unsigned q_head;    /* index of the oldest queued message in the ring */
 } conn_t;
 
 static struct sockaddr_in g_dst;
@@ -65,6 +76,33 @@ static unsigned char g_rbuf[1 << 18];
 static uint64_t g_errors;
 static unsigned g_src_next;
 static int g_spread_src;
+
+/* Latency histogram: bucket i holds latencies in [e^((i-1)/LAT_RES), e^(i/LAT_RES)) µs
+ * (bucket 0: under 1 µs), so a percentile is exact to about 1/LAT_RES. */
+#define LAT_RES 100
+#define LAT_BUCKETS 2000 /* up to e^20 µs: far beyond any run */
+static uint64_t g_lat[LAT_BUCKETS];
+static uint64_t g_lat_n;
+
+static void lat_record(double secs) {
+    double us = secs * 1e6;
+    int i = us < 1.0 ? 0 : 1 + (int)(log(us) * LAT_RES);
+    if (i >= LAT_BUCKETS) i = LAT_BUCKETS - 1;
+    g_lat[i]++;
+    g_lat_n++;
+}
+
+/* The q-quantile (0 < q < 1) in µs: the geometric middle of its bucket; 0 if nothing was recorded. */
+static double lat_quantile(double q) {
+    if (g_lat_n == 0) return 0.0;
+    uint64_t rank = (uint64_t)ceil(q * (double)g_lat_n), seen = 0;
+    if (rank < 1) rank = 1;
+    for (int i = 0; i < LAT_BUCKETS; i++) {
+        seen += g_lat[i];
+        if (seen >= rank) return i == 0 ? 0.5 : exp((i - 0.5) / LAT_RES);
+    }
+    return exp((LAT_BUCKETS - 0.5) / LAT_RES);
+}
 
 static double now(void) {
     struct timespec ts;
@@ -280,6 +318,8 @@ static int mode_echo(int nconn, int inflight, int size, double secs) {
         printf("END msgs=0 bytes=0 errors=%llu elapsed=0\n", (unsigned long long)g_errors);
         return 1;
     }
+    double *rings = calloc((size_t)nconn * (size_t)inflight, sizeof *rings);
+    if (!rings) die("calloc");
     printf("START\n");
     fflush(stdout);
     double cpu0 = cpu_self();
@@ -287,6 +327,8 @@ static int mode_echo(int nconn, int inflight, int size, double secs) {
     for (int i = 0; i < nconn; i++) {
         conn_t *c = &cs[i];
         if (c->state != 1) continue;
+        c->queued = rings + (size_t)i * (size_t)inflight;
+        for (int j = 0; j < inflight; j++) c->queued[j] = t0;
         c->want = batch;
         if (flush_out(c, i) < 0) {
             g_errors++;
@@ -324,6 +366,13 @@ static int mode_echo(int nconn, int inflight, int size, double secs) {
                 }
                 uint64_t done = c->recvd / (uint64_t)size - before;
                 if (done) {
+                    /* each completed message leaves the ring; its successor takes the slot */
+                    double tn = now();
+                    for (uint64_t j = 0; j < done; j++) {
+                        lat_record(tn - c->queued[c->q_head]);
+                        c->queued[c->q_head] = tn;
+                        c->q_head = (c->q_head + 1) % (unsigned)inflight;
+                    }
                     /* one new message per completed message: keep INFLIGHT in flight */
                     int was_idle = c->sent == c->want;
                     c->want += done * (uint64_t)size;
@@ -342,8 +391,9 @@ static int mode_echo(int nconn, int inflight, int size, double secs) {
         msgs += cs[i].recvd / (uint64_t)size;
         bytes += cs[i].recvd;
     }
-    printf("END msgs=%llu bytes=%llu errors=%llu elapsed=%.4f cpu=%.3f\n", (unsigned long long)msgs,
-           (unsigned long long)bytes, (unsigned long long)g_errors, elapsed, cpu_self() - cpu0);
+    printf("END msgs=%llu bytes=%llu errors=%llu elapsed=%.4f cpu=%.3f p50_us=%.1f p99_us=%.1f\n",
+           (unsigned long long)msgs, (unsigned long long)bytes, (unsigned long long)g_errors, elapsed,
+           cpu_self() - cpu0, lat_quantile(0.50), lat_quantile(0.99));
     fflush(stdout);
     for (int i = 0; i < nconn; i++)
         if (cs[i].fd >= 0) close(cs[i].fd);
@@ -367,6 +417,7 @@ static int mode_connect(int conc, double secs) {
             conn_t *c = &cs[i];
             if (c->state != 2) continue;
             memset(c, 0, sizeof *c);
+            c->t_start = now();
             c->fd = start_connect();
             if (c->fd < 0) {
                 c->state = 2;
@@ -413,13 +464,15 @@ static int mode_connect(int conc, double secs) {
             }
             if (c->recvd == msg) {
                 done++;
+                lat_record(now() - c->t_start);
                 kill_conn(c); /* close: the next pass opens a new one */
             }
         }
     }
     double elapsed = now() - t0;
-    printf("END msgs=%llu bytes=%llu errors=%llu elapsed=%.4f cpu=%.3f\n", (unsigned long long)done,
-           (unsigned long long)(done * msg), (unsigned long long)g_errors, elapsed, cpu_self() - cpu0);
+    printf("END msgs=%llu bytes=%llu errors=%llu elapsed=%.4f cpu=%.3f p50_us=%.1f p99_us=%.1f\n",
+           (unsigned long long)done, (unsigned long long)(done * msg), (unsigned long long)g_errors, elapsed,
+           cpu_self() - cpu0, lat_quantile(0.50), lat_quantile(0.99));
     fflush(stdout);
     for (int i = 0; i < conc; i++)
         if (cs[i].fd >= 0) close(cs[i].fd);

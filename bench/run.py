@@ -1,18 +1,20 @@
 #!/usr/bin/env python3
-"""Benchmark harness for goev.py: goev against asyncio, uvloop, threads and a bare epoll loop.
+"""Benchmark harness for goev.py: goev against asyncio, uvloop, Twisted, tornado, gevent,
+threads and a bare epoll loop.
 
-    python bench/run.py [--quick] [--duration S] [--runs N]
-                        [--only SCENARIO,...] [--servers goev,asyncio,uvloop,threads,epoll_floor]
+    python bench/run.py [--quick] [--duration S] [--runs N] [--only SCENARIO,...]
+                        [--servers goev,asyncio,uvloop,twisted,tornado,gevent,threads,epoll_floor]
 
 Everything runs on this machine over 127.0.0.1: the server is pinned to CPU 0,
 the load generator (bench/loadgen.c or wrk) to CPU 1.  Servers are measured
 round robin inside each run, every measurement on a freshly started server that
 has first served one warm-up connection.  For each measurement the harness
 reads the server's user and system CPU time from /proc/PID/stat before and after
-the load window, so the result is throughput *and* CPU per request.
+the load window, so the result is throughput *and* CPU per request; the load
+generator reports the p50 and p99 latency of the requests it completed.
 
-It installs what it needs when missing: wrk (apt-get), uvloop (into bench/.venv),
-and bench/.build/loadgen (gcc).  Results: bench/RESULTS.md, bench/results.svg,
+It installs what it needs when missing: wrk (apt-get), uvloop, Twisted, tornado
+and gevent (pip, into bench/.venv), and bench/.build/loadgen (gcc).  Results: bench/RESULTS.md, bench/results.svg,
 bench/results.json, and the same tables on stdout.
 
 The runner itself uses only the Python standard library (3.9+).
@@ -45,12 +47,20 @@ HOST = "127.0.0.1"  # loopback only, always
 TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
-ALL_SERVERS = ["goev", "asyncio", "uvloop", "threads", "epoll_floor"]
+ALL_SERVERS = ["goev", "asyncio", "uvloop", "twisted", "tornado", "gevent", "threads", "epoll_floor"]
 EXTRA_SERVERS = ["epoll_min"]   # echo only, a lower bound: run when named in --servers
+# Servers that run from bench/.venv, by the pip package (and module) they need.
+VENV_PACKAGES = {"uvloop": "uvloop", "twisted": "twisted", "tornado": "tornado", "gevent": "gevent"}
+# The frameworks a user would pick instead of goev: measured in the echo and HTTP
+# scenarios (the accept and idle ones are left to the servers above, to keep a run short).
+FRAMEWORKS = ("twisted", "tornado", "gevent")
 SERVER_TITLES = {
     "goev": "goev",
     "asyncio": "asyncio (Protocol)",
     "uvloop": "uvloop (Protocol)",
+    "twisted": "Twisted (epoll)",
+    "tornado": "tornado (IOStream)",
+    "gevent": "gevent (StreamServer)",
     "threads": "thread per conn",
     "epoll_floor": "epoll floor",
     "epoll_min": "epoll minimum",
@@ -59,6 +69,9 @@ COLORS = {
     "goev": "#2b7bba",
     "asyncio": "#8c8c8c",
     "uvloop": "#e08a2c",
+    "twisted": "#d4a017",
+    "tornado": "#17a2b8",
+    "gevent": "#8d6e63",
     "threads": "#9b59b6",
     "epoll_floor": "#3aa655",
     "epoll_min": "#c0392b",
@@ -140,8 +153,9 @@ def ensure_tools(servers, need_wrk):
     if not ensure_loadgen(notes) or (need_wrk and not ensure_wrk(notes)):
         print("\n".join(notes), file=sys.stderr)
         return False
-    if "uvloop" in servers and not ensure_uvloop(notes):
-        servers.remove("uvloop")
+    missing = set(s for s in servers if s in VENV_PACKAGES) - ensure_venv(servers, notes)
+    for s in missing:
+        servers.remove(s)
     for n in notes:
         print("note:", n, file=sys.stderr)
     return True
@@ -154,23 +168,45 @@ def ensure_wrk(notes):
     return not why
 
 
-def ensure_uvloop(notes):
-    def ok():
-        return os.path.exists(VENV_PY) and _run([VENV_PY, "-c", "import uvloop"], timeout=60).returncode == 0
+def ensure_venv(servers, notes):
+    """Install the pip packages of ``servers`` (see VENV_PACKAGES) into bench/.venv,
+    creating it if needed; returns the set of those servers whose package imports.
+    A package pip cannot install is skipped with a note."""
+    want = [s for s in servers if s in VENV_PACKAGES]
 
-    if ok():
-        return True
-    log("creating bench/.venv with uvloop")
+    def importable(s):
+        return os.path.exists(VENV_PY) and _run([VENV_PY, "-c", "import " + VENV_PACKAGES[s]],
+                                                timeout=60).returncode == 0
+
+    have = set(s for s in want if importable(s))
+    todo = [s for s in want if s not in have]
+    if not todo:
+        return have
+    log("installing %s into bench/.venv" % ", ".join(VENV_PACKAGES[s] for s in todo))
     if not os.path.exists(VENV_PY):
         r = _run([sys.executable, "-m", "venv", VENV])
         if r.returncode != 0:
-            notes.append("python -m venv failed: uvloop skipped (%s)" % r.stdout.strip()[-300:])
-            return False
-    r = _run([VENV_PY, "-m", "pip", "install", "-q", "uvloop"])
-    if ok():
-        return True
-    notes.append("pip install uvloop failed: uvloop skipped (%s)" % r.stdout.strip()[-300:])
-    return False
+            notes.append("python -m venv failed: %s skipped (%s)" % (", ".join(todo), r.stdout.strip()[-300:]))
+            return have
+    # one pip call for all; if one package fails, pip installs none: then one at a time
+    r = _run([VENV_PY, "-m", "pip", "install", "-q"] + [VENV_PACKAGES[s] for s in todo])
+    for s in todo:
+        if importable(s):
+            have.add(s)
+            continue
+        if r.returncode != 0:
+            r1 = _run([VENV_PY, "-m", "pip", "install", "-q", VENV_PACKAGES[s]])
+            if importable(s):
+                have.add(s)
+                continue
+            r = r1
+        notes.append("pip install %s failed: %s skipped (%s)" % (VENV_PACKAGES[s], s, r.stdout.strip()[-300:]))
+    return have
+
+
+def ensure_uvloop(notes):
+    """uvloop in bench/.venv (see ensure_venv): True if it imports."""
+    return "uvloop" in ensure_venv(["uvloop"], notes)
 
 
 def ensure_loadgen(notes):
@@ -184,7 +220,7 @@ def ensure_loadgen(notes):
             _run(["apt-get", "update"], env=env)
             _run(["apt-get", "install", "-y", "gcc", "libc6-dev"], env=env)
     log("compiling bench/loadgen.c")
-    r = _run(["gcc", "-O2", "-Wall", "-o", LOADGEN, LOADGEN_SRC])
+    r = _run(["gcc", "-O2", "-Wall", "-o", LOADGEN, LOADGEN_SRC, "-lm"])
     if r.returncode != 0:
         notes.append("gcc failed to build loadgen: echo, accept and idle scenarios skipped:\n" + r.stdout)
         return False
@@ -388,6 +424,8 @@ class Server:
             cmd = [sys.executable, os.path.join(SERVERS_DIR, "asyncio_server.py"), kind, addr]
         elif name == "uvloop":
             cmd = [VENV_PY, os.path.join(SERVERS_DIR, "asyncio_server.py"), "--uvloop", kind, addr]
+        elif name in FRAMEWORKS:
+            cmd = [VENV_PY, os.path.join(SERVERS_DIR, name + "_server.py"), kind, addr]
         elif name == "threads":
             cmd = [sys.executable, os.path.join(SERVERS_DIR, "threads_server.py"), kind, addr]
         elif name in ("epoll_floor", "epoll_min"):
@@ -494,6 +532,7 @@ def measure_loadgen(srv, sc, dur, cfg):
                sys_us=(s1 - s0) * 1e6 / n if n else None,
                cpu_util=((u1 - u0) + (s1 - s0)) / kv["elapsed"] if kv["elapsed"] else None,
                load_util=kv["cpu"] / kv["elapsed"] if kv.get("cpu") is not None and kv["elapsed"] else None,
+               p50_us=kv.get("p50_us") if n else None, p99_us=kv.get("p99_us") if n else None,
                errors=int(kv.get("errors", 0)))
     res.update(foreign_load(b0, b1, cfg, (u1 - u0) + (s1 - s0), kv.get("cpu"), kv["elapsed"]))
     if err:
@@ -504,9 +543,18 @@ def measure_loadgen(srv, sc, dur, cfg):
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
+def wrk_percentile(out, pct):
+    """The ``pct`` % latency of wrk --latency's "Latency Distribution", in µs (None if absent).
+
+    wrk times a request from its write to the end of its response; with a
+    pipeline script it times each batch (write of 16 to the 16th response)."""
+    m = re.search(r"(?m)^\s*%d%%\s+([\d.]+)(us|ms|s|m|h)\s*$" % pct, out)
+    return float(m.group(1)) * _UNITS[m.group(2)] * 1e6 if m else None
+
+
 def measure_wrk(srv, sc, dur, cfg):
     url = "http://%s:%d/" % (HOST, srv.port)
-    cmd = ["wrk", "-t1", "-c%d" % sc["conns"], "-d%ds" % max(1, round(dur)), "--timeout", "5s"]
+    cmd = ["wrk", "-t1", "-c%d" % sc["conns"], "-d%ds" % max(1, round(dur)), "--timeout", "5s", "--latency"]
     if sc.get("pipeline"):
         cmd += ["-s", os.path.join(BENCH, "pipeline.lua"), url, "--", str(sc["pipeline"])]
     else:
@@ -542,6 +590,7 @@ def measure_wrk(srv, sc, dur, cfg):
                sys_us=(s1 - s0) * 1e6 / n if n else None,
                cpu_util=((u1 - u0) + (s1 - s0)) / secs if secs else None,
                load_util=wrk_cpu / secs if secs else None,
+               p50_us=wrk_percentile(out, 50), p99_us=wrk_percentile(out, 99),
                errors=errors)
     res.update(foreign_load(b0, b1, cfg, (u1 - u0) + (s1 - s0), wrk_cpu, secs))
     return res
@@ -643,6 +692,22 @@ def fmt_us(x):
     return "%.2f" % x if x < 10 else "%.1f" % x
 
 
+def fmt_lat(us):
+    """A latency in µs as text: µs below 1 ms, else ms."""
+    if us is None:
+        return "-"
+    if us < 1000:
+        return "%.0f µs" % us
+    return "%.2f ms" % (us / 1000) if us < 10000 else "%.1f ms" % (us / 1000)
+
+
+def fmt_latency(row):
+    """ "p50 / p99" of a summary row."""
+    if row.get("p50_us") is None and row.get("p99_us") is None:
+        return "-"
+    return "%s / %s" % (fmt_lat(row.get("p50_us")), fmt_lat(row.get("p99_us")))
+
+
 def fmt_ratio(a, b):
     if not a or not b:
         return "-"
@@ -678,6 +743,8 @@ def summarize(results, servers):
                            sys_us=med([r.get("sys_us") for r in runs]),
                            cpu_util=med([r.get("cpu_util") for r in runs]),
                            load_util=med([r.get("load_util") for r in runs]),
+                           p50_us=med([r.get("p50_us") for r in runs]),
+                           p99_us=med([r.get("p99_us") for r in runs]),
                            other_cpu0=med([r.get("other_cpu0") for r in runs]),
                            other_cpu1=med([r.get("other_cpu1") for r in runs]))
             rows[srv] = row
@@ -708,17 +775,17 @@ def tables_markdown(summary, servers):
                     fmt_ratio(g and g["value"], r["value"])))
         else:
             u = sc["unit"]
-            lines.append("| server | %s/s (median) | min–max | user µs/%s | sys µs/%s | server CPU | load CPU | other load CPU 0 / 1 | goev ÷ this, %s/s | goev ÷ this, user µs |"
+            lines.append("| server | %s/s (median) | min–max | p50 / p99 latency | user µs/%s | sys µs/%s | server CPU | load CPU | other load CPU 0 / 1 | goev ÷ this, %s/s | goev ÷ this, user µs |"
                          % (u, u, u, u))
-            lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
             for srv in servers:
                 r = rows.get(srv)
                 if not r:
                     continue
                 pct = lambda v: "-" if v is None else "%.0f%%" % (100 * v)
-                lines.append("| %s | %s | %s–%s | %s | %s | %s | %s | %s / %s | %s | %s |" % (
+                lines.append("| %s | %s | %s–%s | %s | %s | %s | %s | %s | %s / %s | %s | %s |" % (
                     SERVER_TITLES[srv], fmt_rate(r["value"]), fmt_rate(r["lo"]), fmt_rate(r["hi"]),
-                    fmt_us(r.get("user_us")), fmt_us(r.get("sys_us")),
+                    fmt_latency(r), fmt_us(r.get("user_us")), fmt_us(r.get("sys_us")),
                     pct(r.get("cpu_util")), pct(r.get("load_util")),
                     pct(r.get("other_cpu0")), pct(r.get("other_cpu1")),
                     fmt_ratio(g and g["value"], r["value"]),
@@ -760,7 +827,8 @@ def summary_matrix(summary, servers, key, title, fmt):
         else:
             f = fmt
         lines.append("| %s | " % sc["name"] + " | ".join(
-            f(rows[s].get(key)) if s in rows else "" for s in cols) + " |")
+            (fmt_latency(rows[s]) if key == "latency" else f(rows[s].get(key))) if s in rows else ""
+            for s in cols) + " |")
     return "**%s**\n\n" % title + "\n".join(lines)
 
 
@@ -776,10 +844,13 @@ def machine_info():
         pass
     info = dict(nproc=os.cpu_count(), cpu=model, kernel=platform.release(),
                 python=platform.python_version(), impl=platform.python_implementation())
-    try:
-        info["uvloop"] = _run([VENV_PY, "-c", "import uvloop; print(uvloop.__version__)"], timeout=30).stdout.strip()
-    except Exception:
-        info["uvloop"] = "-"
+    for srv, expr in (("uvloop", "uvloop.__version__"), ("twisted", "twisted.__version__"),
+                      ("tornado", "tornado.version"), ("gevent", "gevent.__version__")):
+        try:
+            r = _run([VENV_PY, "-c", "import %s; print(%s)" % (srv, expr)], timeout=30)
+            info[srv] = r.stdout.strip() if r.returncode == 0 else "-"
+        except Exception:
+            info[srv] = "-"
     try:
         info["wrk"] = _run(["wrk", "-v"], timeout=10).stdout.split("\n")[0].strip()
     except Exception:
@@ -808,22 +879,27 @@ def svg_chart(summary, servers, info):
         heights.append(40 + n * (bar_h + gap) + 10)
     row_h = [max(heights[i:i + cols]) for i in range(0, len(heights), cols)]
     W = cols * pw + 20
-    H = 86 + sum(row_h) + 30
+    # legend entries, wrapped onto as many 16 px lines as the width needs
+    legend, x, ly = [], 10, 64
+    for srv in servers:
+        w = 20 + 7 * len(SERVER_TITLES[srv])
+        if x > 10 and x + w > W - 10:
+            x, ly = 10, ly + 16
+        legend.append((srv, x, ly))
+        x += w
+    y0 = ly + 22
+    H = y0 + sum(row_h) + 30
     out = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" viewBox="0 0 %d %d" '
            'font-family="Helvetica, Arial, sans-serif" font-size="11">' % (W, H, W, H),
            '<rect width="100%" height="100%" fill="white"/>',
-           '<text x="10" y="22" font-size="16" font-weight="bold">goev.py vs asyncio, uvloop, threads and a bare epoll loop</text>',
+           '<text x="10" y="22" font-size="16" font-weight="bold">goev.py vs asyncio, uvloop, Twisted, tornado, gevent, threads and a bare epoll loop</text>',
            '<text x="10" y="38" fill="#555">%s · %s CPUs · Linux %s · Python %s · server on CPU 0, load generator on CPU 1, 127.0.0.1</text>'
            % (esc(info.get("cpu", "?"))[:40], info.get("nproc"), esc(info.get("kernel", "")), info.get("python")),
            '<text x="10" y="54" fill="#555">bar = median of %s run(s), whisker = min–max; label: throughput · server user CPU µs per request '
            '(the sharpest number: lower is better)</text>' % info.get("runs")]
-    # legend
-    x = 10
-    for srv in servers:
-        out.append('<rect x="%d" y="64" width="10" height="10" fill="%s"/>' % (x, COLORS[srv]))
-        out.append('<text x="%d" y="73">%s</text>' % (x + 14, esc(SERVER_TITLES[srv])))
-        x += 20 + 7 * len(SERVER_TITLES[srv])
-    y0 = 86
+    for srv, x, ly in legend:
+        out.append('<rect x="%d" y="%d" width="10" height="10" fill="%s"/>' % (x, ly, COLORS[srv]))
+        out.append('<text x="%d" y="%d">%s</text>' % (x + 14, ly + 9, esc(SERVER_TITLES[srv])))
     for i, sc in enumerate(panels):
         r, c = divmod(i, cols)
         px, py = 10 + c * pw, y0 + sum(row_h[:r])
@@ -886,12 +962,17 @@ def write_report(results, servers, notes, info, args_line, wall, write_files=Tru
             "state of glibc malloc, so all servers are measured warm.")
     md = ["# goev.py benchmark results", "",
           "Generated by `%s` on %s (wall time %.0f s)." % (args_line, info["date"], wall), "",
-          "Machine: %s CPUs, %s, Linux %s, %s %s; uvloop %s; %s; goev %s (commit %s)." % (
+          "Machine: %s CPUs, %s, Linux %s, %s %s; uvloop %s, Twisted %s, tornado %s, gevent %s; %s; goev %s (commit %s)." % (
               info["nproc"], info["cpu"], info["kernel"], info["impl"], info["python"],
-              info.get("uvloop", "-"), info.get("wrk", "-"), info.get("goev", "-"), info.get("commit", "-")), "",
+              info.get("uvloop", "-"), info.get("twisted", "-"), info.get("tornado", "-"), info.get("gevent", "-"),
+              info.get("wrk", "-"), info.get("goev", "-"), info.get("commit", "-")), "",
           "Method: server pinned to CPU 0, load generator (bench/loadgen.c or wrk) pinned to CPU 1, "
           "all traffic on 127.0.0.1. Servers run round robin inside each run; each cell is the median "
-          "of %d run(s) of %.0f s, with the min–max of the throughput. CPU per request is the server "
+          "of %d run(s) of %.0f s, with the min–max of the throughput. Twisted, tornado and gevent run the "
+          "echo and HTTP scenarios only. Latency p50 / p99 comes from the load generator: bench/loadgen.c "
+          "times each echo message from when it joins its connection's send queue to its last echoed byte "
+          "(connect mode: connect() to the echo), wrk --latency each request (with the pipeline script "
+          "each batch of 16). CPU per request is the server "
           "process's utime/stime (/proc/PID/stat fields 14 and 15, summed over its child processes) over "
           "the load window divided by the requests served. On loopback the kernel's share of a request is "
           "about the same for every server, so **user µs per request is the sharpest comparison**; "
@@ -923,6 +1004,8 @@ def write_report(results, servers, notes, info, args_line, wall, write_files=Tru
     md.append("")
     md.append(summary_matrix(summary, servers, "value", "Throughput per second (median), and KiB per idle connection", fmt_rate))
     md.append("")
+    md.append(summary_matrix(summary, servers, "latency", "Latency p50 / p99 (median over runs; lower is better)", None))
+    md.append("")
     md.append("![results](results.svg)")
     md.append("")
     md.append("## Scenarios")
@@ -931,6 +1014,8 @@ def write_report(results, servers, notes, info, args_line, wall, write_files=Tru
     text = "\n".join(md) + "\n"
     log("")
     log(summary_matrix(summary, servers, "user_us", "User CPU µs per request (median; lower is better)", fmt_us))
+    log("")
+    log(summary_matrix(summary, servers, "latency", "Latency p50 / p99 (median over runs; lower is better)", None))
     log("")
     log(body)
     if write_files:
@@ -949,8 +1034,8 @@ def write_report(results, servers, notes, info, args_line, wall, write_files=Tru
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="goev.py benchmark harness (loopback only)")
-    ap.add_argument("--quick", action="store_true", help="2 s per measurement, 1 run")
-    ap.add_argument("--duration", type=float, help="seconds per measurement (default 5, --quick 2)")
+    ap.add_argument("--quick", action="store_true", help="1 run instead of 3")
+    ap.add_argument("--duration", type=float, help="seconds per measurement (default 2)")
     ap.add_argument("--runs", type=int, help="runs per server and scenario (default 3, --quick 1)")
     ap.add_argument("--only", help="comma-separated scenarios: " + ",".join(s["name"] for s in SCENARIOS))
     ap.add_argument("--servers", default=",".join(ALL_SERVERS), help="comma-separated subset of " + ",".join(ALL_SERVERS + EXTRA_SERVERS))
@@ -969,7 +1054,8 @@ def main(argv=None):
         write_report(d["results"], d["info"]["servers"], d["notes"], d["info"], d["command"],
                      d["info"].get("wall", 0.0), write_files=not a.no_write)
         return 0
-    dur = a.duration or (2.0 if a.quick else 5.0)
+    # 8 servers x 9 scenarios x 3 runs: 2 s windows keep a default run near 10 minutes
+    dur = a.duration or 2.0
     runs = a.runs or (1 if a.quick else 3)
     if dur <= 0 or dur > 60 or runs < 1 or runs > 20:
         ap.error("--duration must be in (0, 60] and --runs in [1, 20]")
@@ -1004,7 +1090,7 @@ def main(argv=None):
         notes.append("only one CPU available: no pinning, server and load share it.")
     have_wrk = ensure_wrk(notes)
     have_loadgen = ensure_loadgen(notes)
-    have_uvloop = ensure_uvloop(notes) if "uvloop" in servers else False
+    have_venv = ensure_venv(servers, notes)
     goev_echo, goev_http, extra = goev_support(notes) if "goev" in servers else (False, False, [])
     cfg["goev_extra"] = extra
     if extra:
@@ -1015,8 +1101,10 @@ def main(argv=None):
             return False
         if sc["tool"] != "wrk" and not have_loadgen:
             return False
-        if srv == "uvloop" and not have_uvloop:
+        if srv in VENV_PACKAGES and srv not in have_venv:
             return False
+        if srv in FRAMEWORKS:
+            return sc["tool"] in ("loadgen", "wrk")
         if srv == "goev":
             return goev_http if sc["kind"] == "http" else goev_echo
         if srv == "epoll_min":
