@@ -3836,6 +3836,7 @@ def test_60mib_single_write(make_reactor):
         assert _read_verify(c, [big], len(big)) == len(big)
 
 
+@pytest.mark.slow
 def test_10000_writes_of_100kib(make_reactor):
     """10 000 write() calls of 100 KiB each (1000 MiB queued
     behind a socket the client drains at its own pace; the gathered sendmsg
@@ -4740,6 +4741,7 @@ def test_posts_racing_stop(make_reactor, npollers, goev_log):
 # Posts from a signal handler (which runs on the main thread between two
 # bytecodes, possibly inside another post or inside wake()): every post runs,
 # none deadlocks.  Pollers run in the background here.
+@pytest.mark.slow
 def test_posts_from_signal_handler(make_reactor, npollers):
     r, a, connect = served(make_reactor, npollers)
     c, h = connect()
@@ -6111,6 +6113,7 @@ print("DONE", r.stopped, len(opened), flush=True)
 """
 
 
+@pytest.mark.slow
 def test_emfile_pauses_accepting_and_recovers(backend):
     """A child server runs out of fds while 12 clients connect: the acceptor
     logs one warning for the episode and retries on a timer (the loop sleeps
@@ -9470,6 +9473,7 @@ def test_idle_keepalive_connection_is_closed(http_fast_timeouts):
     assert got == b"" and 0.4 <= took < 10
 
 
+@pytest.mark.slow
 def test_active_connection_is_not_closed(http_fast_timeouts):
     """Requests every 0.2 s for 2 s (four idle timeouts), heads split in two parts;
     then whole GETs every 0.2 s for 2 s; then silence, and the close."""
@@ -9544,6 +9548,7 @@ def test_idle_timeout_shorter_than_head_timeout():
         assert got == b"" and 0.4 <= took < 10
 
 
+@pytest.mark.slow
 def test_head_timeout_shorter_than_idle_timeout():
     with http_cli_serving("--header-timeout", "0.5", "--idle-timeout", "30") as srv:
         with srv.connect() as s, s.makefile("rb") as f:
@@ -10466,6 +10471,7 @@ def test_download_delivers_the_file(backend, kids, tmp_path, mode):
     assert_clean_exit(proc)
 
 
+@pytest.mark.slow
 def test_download_rate_limit_is_applied(backend, kids, tmp_path):
     """200 KB at 100 KB/s cannot take less than ~2 s (asserted: >= 1.5 s), in
     both modes at once; and the bytes are exact."""
@@ -10491,6 +10497,7 @@ def test_download_rate_limit_is_applied(backend, kids, tmp_path):
         assert_clean_exit(proc)
 
 
+@pytest.mark.slow
 def test_download_slow_readers_keep_memory_flat(backend, kids, tmp_path):
     """50 MiB to a reader that stops and then reads, with curl --limit-rate 10k
     running at the same time: the server's RSS must not follow the file size."""
@@ -11033,6 +11040,7 @@ def test_ws_non_upgrade_requests(backend):
         assert r.startswith(b"HTTP/1.1 400 "), r
 
 
+@pytest.mark.slow
 def test_ws_idle_ping_and_size_limit(backend):
     with Example("websocket.py", backend, "--ping-interval", "0.5", "--max-size", "1000") as ex:
         c = WSClient.open(ex)
@@ -11210,6 +11218,7 @@ def test_kv_commands_pipelined_and_split(kv_server):
         assert a.call("EXISTS", "after") == 0
 
 
+@pytest.mark.slow
 def test_kv_expiry_on_the_timer_heap(kv_server):
     ex = kv_server
     with ex.connect() as s:
@@ -11670,6 +11679,7 @@ def test_ws_one_byte_fragments_cost_their_bytes_not_an_object_each(backend):
     assert peak < 20 * MiB, "a 0.5 MB message in 1-byte fragments cost %d MiB" % (peak >> 20)
 
 
+@pytest.mark.slow
 def test_ws_handshake_deadline_counts_from_the_accept(backend):
     """Item 17: a client dripping its upgrade request a byte every 0.1 s is never
     idle for a ping period (0.5 s), but the handshake must be done 1 s after the
@@ -12209,7 +12219,7 @@ def test_readme_first_commands_serve_on_loopback_and_test_in_a_venv():
     first = re.search(r"```sh\n(.*?)```", _readme(), re.S).group(1).splitlines()
     assert re.match(r"python3 -m goev echo 127\.0\.0\.1:\d+ ", first[0]), first
     assert re.match(r"python3 -m venv (\S+) && \. \1/bin/activate && pip install pytest && "
-                    r"python -m pytest -q test_goev\.py$", first[1]), first
+                    r"python -m pytest -q -m 'not slow' test_goev\.py$", first[1]), first
 
 
 def test_readme_lists_the_debian_packages_ci_installs():
