@@ -296,10 +296,50 @@ def stop_child(proc, sig=signal.SIGTERM, timeout=WAIT):
 
 # =============================================================================
 
-def _randbytes(rng, n):
-    if hasattr(rng, "randbytes"):
-        return rng.randbytes(n)
-    return bytes(rng.getrandbits(8) for _ in range(n))      # pragma: no cover (3.8-)
+# -- the helper kit: payloads, memory, echo checks, running code on a poller ----------
+
+def random_bytes(n, seed=0):
+    """``n`` random bytes, the same for the same seed (byte-exact checks)."""
+    return random.Random(seed).randbytes(n)
+
+
+def proc_status(pid, field):
+    """A /proc/PID/status field in bytes (VmRSS: resident now, VmHWM: the peak)."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no %s in /proc/%d/status" % (field, pid))
+
+
+def rss_kib(pid):
+    """Resident memory of a process, KiB."""
+    return proc_status(pid, "VmRSS") // 1024
+
+
+def echo_ok(address, data=b"ping"):
+    """One round trip on a new connection: True if ``data`` comes back whole."""
+    with socket.create_connection(address[:2], timeout=WAIT) as c:
+        c.sendall(data)
+        return recv_exact(c, len(data)) == data
+
+
+def on_poller(poller, fn, *args):
+    """Run fn(*args) on ``poller``'s thread and return its result (or raise it
+    here).  Internals (poller._post): the tests that inspect a poller's own
+    state (its timers, its handlers) must look from its thread."""
+    box = queue.Queue()
+
+    def run():
+        try:
+            box.put((True, fn(*args)))
+        except BaseException as e:            # handed to the test thread
+            box.put((False, e))
+    poller._post(run)
+    ok, val = box.get(timeout=WAIT)
+    if not ok:
+        raise val
+    return val
 
 
 class _Bg:
@@ -527,7 +567,7 @@ class _Commands(goev.IOHandle):
 
 @pytest.fixture
 def commands(make_reactor):
-    payload = _randbytes(random.Random(4), _Commands.BIG)
+    payload = random_bytes(_Commands.BIG, seed=4)
     factory, handlers = _core_collecting(type("Commands", (_Commands,), {"payload": payload}))
     r, a = echo_server(make_reactor, 1, factory=factory)
     return r, a, handlers, payload
@@ -726,20 +766,6 @@ def _stderr_file():
     return tempfile.TemporaryFile(mode="w+")
 
 
-def _reliability_on_poller(poller, fn, *args):
-    """Run fn(*args) on ``poller``'s thread and return its result (or raise)."""
-    box = queue.Queue()
-
-    def run():
-        try:
-            box.put((True, fn(*args)))
-        except BaseException as e:            # handed to the test thread
-            box.put((False, e))
-    poller._post(run)
-    ok, val = box.get(timeout=WAIT)
-    if not ok:
-        raise val
-    return val
 
 
 def _park(poller):
@@ -815,11 +841,6 @@ def _connect_pair(a, got):
     return c, h
 
 
-def _pattern(n, seed):
-    rnd = random.Random(seed)
-    if hasattr(rnd, "randbytes"):
-        return rnd.randbytes(n)
-    return bytes(rnd.getrandbits(8) for _ in range(n))          # pragma: no cover (3.8)
 
 
 class _RawReader(goev.IOHandle):
@@ -850,10 +871,6 @@ class _RawReader(goev.IOHandle):
         self.closes += 1                      # the fd belongs to the test: not closed here
 
 
-def _reliability_echo_ok(a, payload=b"ping"):
-    with socket.create_connection(a.address, timeout=WAIT) as c:
-        c.sendall(payload)
-        return recv_exact(c, len(payload)) == payload
 
 
 def _eof_or_reset(sock):
@@ -1070,8 +1087,8 @@ def test_unresolvable_host_is_gaierror(make_reactor):
 
 def _close_on(poller, h, how="close"):
     """Close ``h`` on its poller and return once its on_close ran (end of pass)."""
-    _reliability_on_poller(poller, getattr(h, how))
-    _reliability_on_poller(poller, lambda: None)          # runs in a later pass: closes are finished
+    on_poller(poller, getattr(h, how))
+    on_poller(poller, lambda: None)          # runs in a later pass: closes are finished
 
 
 class _Counting(Echo):
@@ -1131,7 +1148,7 @@ def test_unregister_after_fd_close_and_dup2_reuse(make_reactor):
     finally:
         for fd in (r1, w1, r2, w2):
             os.close(fd)
-    assert _reliability_echo_ok(goev.Acceptor(r, "127.0.0.1:0", Echo))
+    assert echo_ok(goev.Acceptor(r, "127.0.0.1:0", Echo).address)
 
 
 def test_event_for_handler_closed_earlier_in_batch_is_dropped(make_reactor):
@@ -1174,7 +1191,7 @@ def test_event_for_handler_closed_earlier_in_batch_is_dropped(make_reactor):
     first = seen["first"]
     other = h2 if first is h1 else h1
     wait_until(lambda: other.n_close == 1, what="on_close of the closed one")
-    _reliability_on_poller(r.pollers[0], lambda: None)    # one more pass
+    on_poller(r.pollers[0], lambda: None)    # one more pass
     assert "late" not in seen, "event delivered to a handler closed earlier in the batch"
     assert seen["new_fd"] != seen["other_fd"] and seen["other_fd_open"]
     assert other.n_close == 1
@@ -1240,7 +1257,7 @@ def test_fd_closed_behind_the_loops_back_no_busy_loop(make_reactor, goev_log, ho
     assert not [rec for rec in goev_log.errors() if "callback" in rec.getMessage()]
     os.close(keep)
     s2.close()
-    assert _reliability_echo_ok(goev.Acceptor(r, "127.0.0.1:0", Echo))
+    assert echo_ok(goev.Acceptor(r, "127.0.0.1:0", Echo).address)
 
 
 def test_stale_close_of_a_finished_handler_spares_the_new_owner(make_reactor):
@@ -1268,14 +1285,14 @@ def test_stale_close_of_a_finished_handler_spares_the_new_owner(make_reactor):
     for call in (old.close, old.abort, old.destroy, old.shutdown_write,
                  lambda: old.write(b"STALE"), lambda: old.async_write(b"STALE")):
         call()
-        _reliability_on_poller(r.pollers[0], call)
+        on_poller(r.pollers[0], call)
     c2.sendall(b"hello")
     assert recv_exact(c2, 5) == b"hello"
     c2.settimeout(0.2)
     with pytest.raises(socket.timeout):
         c2.recv(10)                           # nothing stale arrives
     # destroy() while registered: leaves the poller first
-    _reliability_on_poller(r.pollers[0], new.destroy)
+    on_poller(r.pollers[0], new.destroy)
     assert recv_all(c2) == b""
     assert old_fd not in r.pollers[0]._handlers
     c2.close()
@@ -1310,7 +1327,7 @@ def test_register_regular_file(make_reactor, tmp_path):
             assert fd not in r.pollers[0]._handlers
     finally:
         os.close(fd)
-    assert _reliability_echo_ok(goev.Acceptor(r, "127.0.0.1:0", Echo))
+    assert echo_ok(goev.Acceptor(r, "127.0.0.1:0", Echo).address)
 
 
 def _raise_nofile(want):
@@ -1370,7 +1387,7 @@ def test_read_only_handler_never_sees_write(make_reactor):
     for i in range(50):
         c.sendall(b"m%d" % i)
         recv_exact(c, len(b"m%d" % i))
-    _reliability_on_poller(h.poller, lambda: None)
+    on_poller(h.poller, lambda: None)
     assert h.n_write == 0 and h.n_read >= 1
     c.close()
     # A reset (the kernel reports IN|HUP|ERR): still only on_read, then on_close.
@@ -1391,25 +1408,25 @@ def test_spurious_readiness_and_idempotent_removal(make_reactor):
     r.start()
     c, h = _connect_pair(a, got)
     p = h.poller
-    assert _reliability_on_poller(p, h.read) is None and not h.closed
+    assert on_poller(p, h.read) is None and not h.closed
     r.remove_event(h.fd, goev.EV_IN)
     r.remove_event(h.fd, goev.EV_IN)
-    _reliability_on_poller(p, lambda: None)
+    on_poller(p, lambda: None)
     c.sendall(b"held")
     wait_until(lambda: _inq(h.fd) == 4, what="the bytes in the server socket")
     for _ in range(2):                        # a whole pass with them readable (posted
-        _reliability_on_poller(p, lambda: None)   # work runs before the pass's events)
+        on_poller(p, lambda: None)   # work runs before the pass's events)
     assert h.n_read == 0                      # not polled for reading any more
     r.append_event(h.fd, goev.EV_IN)
     assert recv_exact(c, 4) == b"held"
     with pytest.raises(ValueError):
         r.add_handler(h, h.fd, goev.EV_IN)
-    _reliability_on_poller(p, h.close)
-    _reliability_on_poller(p, h.close)
+    on_poller(p, h.close)
+    on_poller(p, h.close)
     assert recv_all(c) == b""
     assert h.n_close == 1
     with pytest.raises(ValueError):
-        _reliability_on_poller(p, r.remove_event, 10 ** 6, goev.EV_IN)
+        on_poller(p, r.remove_event, 10 ** 6, goev.EV_IN)
     c.close()
 
 
@@ -1433,13 +1450,13 @@ def test_add_close_churn_same_fd(make_reactor):
         if i % 3:
             h.close()
         else:
-            _reliability_on_poller(p, h.close)
+            on_poller(p, h.close)
         b.close()
         hs.append(h)
-    _reliability_on_poller(p, lambda: None)
+    on_poller(p, lambda: None)
     wait_until(lambda: all(h.n_close == 1 for h in hs), what="every on_close")
     assert not [fd for fd in p._handlers if fd != -1 and not isinstance(p._handlers[fd], goev.Acceptor)]
-    assert _reliability_echo_ok(goev.Acceptor(r, "127.0.0.1:0", Echo))
+    assert echo_ok(goev.Acceptor(r, "127.0.0.1:0", Echo).address)
 
 
 def test_setitimer_storm_no_eintr(make_reactor, goev_log):
@@ -1453,7 +1470,7 @@ def test_setitimer_storm_no_eintr(make_reactor, goev_log):
     hits = [0]
     old = signal.signal(signal.SIGALRM, lambda *_: hits.__setitem__(0, hits[0] + 1))
     signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
-    payload = _pattern(2 << 20, 60)
+    payload = random_bytes(2 << 20, 60)
     out = {}
 
     def client():
@@ -1549,7 +1566,7 @@ def test_fork_child_builds_its_own_reactor(make_reactor, npollers):
     for i in range(20):                      # the parent's connection and listener still work
         c.sendall(b"p%d" % i)
         assert recv_exact(c, len(b"p%d" % i)) == b"p%d" % i
-    assert _reliability_echo_ok(a)
+    assert echo_ok(a.address)
     c.close()
 
 
@@ -1565,23 +1582,6 @@ def _assert_4ary_heap(heap):
         assert not heap[i] < heap[(i - 1) >> 2], "heap property broken at %d" % i
 
 
-def _timers_on_poller(r, fn, *args, index=0, timeout=WAIT):
-    """Run fn(*args) on poller ``index``'s thread and return its result."""
-    out = []
-    done = threading.Event()
-
-    def run():
-        try:
-            out.append(("ok", fn(*args)))
-        except BaseException as e:          # hand it to the test thread
-            out.append(("err", e))
-        done.set()
-    r.pollers[index]._post(run)
-    assert done.wait(timeout), "poller %d did not run a posted call" % index
-    kind, val = out[0]
-    if kind == "err":
-        raise val
-    return val
 
 
 def _dead_entries(p):
@@ -1820,7 +1820,7 @@ def test_order_and_fifo_ties(make_reactor):
                 w = p.call_later(rnd.uniform(0, 0.02), record, i).when
             whens.append(w)
         return whens
-    whens = _timers_on_poller(r, schedule)
+    whens = on_poller(r.pollers[0], schedule)
     assert done.wait(WAIT)
     assert order == sorted(range(n), key=lambda i: (whens[i], i))
 
@@ -1844,7 +1844,7 @@ def test_never_early(make_reactor):
         for d in delays:
             box = []
             box.append(r.call_later(d, cb, time.monotonic(), d, box))
-    _timers_on_poller(r, schedule)
+    on_poller(r.pollers[0], schedule)
     assert done.wait(WAIT)
     for fired_at, t0, delay, when in results:
         assert fired_at >= when >= t0 + delay - 1e-9
@@ -1914,8 +1914,8 @@ def test_period_without_drift(make_reactor):
     with socket.create_connection(a.address):
         assert P.done.wait(WAIT)
         h = P.instance
-        assert _timers_on_poller(r, lambda: h.timer.cancelled)      # False stopped it
-        assert _timers_on_poller(r, lambda: not any(not t.cancelled for t in r.pollers[0]._timers))
+        assert on_poller(r.pollers[0], lambda: h.timer.cancelled)      # False stopped it
+        assert on_poller(r.pollers[0], lambda: not any(not t.cancelled for t in r.pollers[0]._timers))
     iv = P.interval_ms / 1000.0
     first = P.log[0][1]
     ks = []
@@ -1952,7 +1952,7 @@ def test_skip_missed_periods_after_a_stall(make_reactor):
         r.pollers[0]._post(block)
         wait_until(lambda: "end" in stall and sum(1 for f, _, _ in list(P.log) if f > stall["end"]) >= 3,
                    what="3 firings after the stall")
-        _timers_on_poller(r, P.instance.cancel_timer)
+        on_poller(r.pollers[0], P.instance.cancel_timer)
     after = [(f, w) for f, w, _ in P.log if f > stall["end"]]
     overdue = [w for f, w in after if w <= stall["end"]]
     assert len(overdue) <= 1, "missed periods fired as a burst: %d overdue firings" % len(overdue)
@@ -2022,12 +2022,12 @@ def test_reschedule_and_cancel_inside_callbacks(make_reactor):
         box["A"] = p.call_later(0, a_cb)
         box["B"] = p.call_later(0, b_cb)
         box["D"] = p.call_later(0, log.append, ("D",))
-    _timers_on_poller(r, schedule)
+    on_poller(r.pollers[0], schedule)
     assert done.wait(WAIT)
     names = [e[0] for e in log]
     assert names == ["A", "D", "C"], names               # B never ran; C after D (a later pass)
     assert box["B"].cancelled and box["C"].cancelled
-    assert _timers_on_poller(r, lambda: p._timers_dead == _dead_entries(p))
+    assert on_poller(r.pollers[0], lambda: p._timers_dead == _dead_entries(p))
 
 
 def test_timer_is_not_made_directly(make_reactor):
@@ -2088,7 +2088,7 @@ def test_same_pass_timers_share_now_ms(make_reactor):
     cs = [socket.create_connection(a.address) for _ in range(3)]
     try:
         wait_until(lambda: len(hs) == 3, what="3 handlers")
-        _timers_on_poller(r, lambda: [h.schedule_timer(0) for h in hs])   # one callback: due together
+        on_poller(r.pollers[0], lambda: [h.schedule_timer(0) for h in hs])   # one callback: due together
         assert done.wait(WAIT)
     finally:
         for c in cs:
@@ -2129,7 +2129,7 @@ def test_cancel_releases_callback_and_args(make_reactor):
         t = r.pollers[0].call_later(0.01, ran.append, o)
         t.cancel()
         return t
-    t3 = _timers_on_poller(r, on_thread, o3)
+    t3 = on_poller(r.pollers[0], on_thread, o3)
     del o3
     gc.collect()
     assert w3() is None and t3.cancelled
@@ -2138,7 +2138,7 @@ def test_cancel_releases_callback_and_args(make_reactor):
     t4 = r.call_later(0, lambda o: fired.set(), o4)
     del o4
     assert fired.wait(WAIT)
-    _timers_on_poller(r, lambda: None)                       # the firing pass has finished
+    on_poller(r.pollers[0], lambda: None)                       # the firing pass has finished
     gc.collect()
     assert w4() is None and t4.cancelled
     # the cancelled ones never run: a later deadline fires after theirs
@@ -2168,12 +2168,12 @@ def test_cross_thread_cancel_bookkeeping(make_reactor):
         t.start()
     for t in ths:
         t.join()
-    _timers_on_poller(r, lambda: None)                       # posts are FIFO: all applied now
+    on_poller(r.pollers[0], lambda: None)                       # posts are FIFO: all applied now
     # every posted push has landed: the count is exact (nothing fired, so no race)
-    assert _timers_on_poller(r, lambda: p._timers_dead == _dead_entries(p))
+    assert on_poller(r.pollers[0], lambda: p._timers_dead == _dead_entries(p))
     # compaction (over half of the heap dead) leaves the live one
-    wait_until(lambda: _timers_on_poller(r, lambda: len(p._timers)) == 1, what="compaction")
-    assert _timers_on_poller(r, lambda: p._timers_dead) >= 0
+    wait_until(lambda: on_poller(r.pollers[0], lambda: len(p._timers)) == 1, what="compaction")
+    assert on_poller(r.pollers[0], lambda: p._timers_dead) >= 0
     assert ran == [] and not keep.cancelled
     keep.cancel()
 
@@ -2187,7 +2187,7 @@ def test_compaction_while_cancelled_timers_are_on_their_way(make_reactor):
     r.start()
     p = r.pollers[0]
     keep = r.call_later(100, lambda: None)
-    _timers_on_poller(r, lambda: None)
+    on_poller(r.pollers[0], lambda: None)
     release = threading.Event()
     busy = threading.Event()
 
@@ -2200,10 +2200,10 @@ def test_compaction_while_cancelled_timers_are_on_their_way(make_reactor):
     for t in ts:
         t.cancel()
     release.set()
-    _timers_on_poller(r, lambda: None)            # every push has landed (and a compaction ran first)
-    assert _timers_on_poller(r, lambda: p._timers_dead == _dead_entries(p))
-    wait_until(lambda: _timers_on_poller(r, lambda: len(p._timers)) == 1, what="compaction")
-    assert _timers_on_poller(r, lambda: p._timers_dead) == 0
+    on_poller(r.pollers[0], lambda: None)            # every push has landed (and a compaction ran first)
+    assert on_poller(r.pollers[0], lambda: p._timers_dead == _dead_entries(p))
+    wait_until(lambda: on_poller(r.pollers[0], lambda: len(p._timers)) == 1, what="compaction")
+    assert on_poller(r.pollers[0], lambda: p._timers_dead) == 0
     keep.cancel()
 
 
@@ -2221,9 +2221,9 @@ def test_churn_does_not_grow_the_heap(make_reactor):
             p.call_later(60, lambda: None).cancel()
         sizes.append(len(p._timers))
     for _ in range(50):
-        _timers_on_poller(r, churn)
+        on_poller(r.pollers[0], churn)
     assert max(sizes) <= 2100, sizes
-    assert _timers_on_poller(r, lambda: len(p._timers)) <= 1001
+    assert on_poller(r.pollers[0], lambda: len(p._timers)) <= 1001
     keep.cancel()
 
 
@@ -2243,11 +2243,11 @@ def test_huge_delays_never_fire_nor_wake(make_reactor):
     p._timeout = counting_timeout               # the loop calls self._timeout() once per pass
     ran = []
     r.start()
-    t_inf = _timers_on_poller(r, lambda: p.call_later(math.inf, ran.append, "inf"))
+    t_inf = on_poller(r.pollers[0], lambda: p.call_later(math.inf, ran.append, "inf"))
     t_big_int = r.call_later(10 ** 400, ran.append, "int")    # beyond float range: never
-    _timers_on_poller(r, lambda: None)
+    on_poller(r.pollers[0], lambda: None)
     wait_until(lambda: passes[-1] == -1.0, what="an infinite poll timeout")   # only "never" timers
-    t_1e9 = _timers_on_poller(r, lambda: p.call_later(1e9, ran.append, "1e9"))
+    t_1e9 = on_poller(r.pollers[0], lambda: p.call_later(1e9, ran.append, "1e9"))
     wait_until(lambda: passes[-1] == goev._MAX_POLL_TIMEOUT, what="the clamped timeout")   # no overflow
     n = len(passes)
     time.sleep(0.3)                              # a quiet window: nothing may wake the loop
@@ -2277,7 +2277,7 @@ def test_huge_delays_never_fire_nor_wake(make_reactor):
     with socket.create_connection(a.address):
         wait_until(lambda: seen, what="handler")
         assert seen[0]._timer.when > time.monotonic() + 1e8
-        _timers_on_poller(r2, lambda: None)
+        on_poller(r2.pollers[0], lambda: None)
     assert "fired" not in seen
 
 
@@ -2300,7 +2300,7 @@ def test_100k_timers_fire_in_order(make_reactor):
     assert done.wait(WAIT * 3)
     assert order == sorted(range(n), key=lambda i: (whens[i], i))
     assert all(t.cancelled for t in ts)           # one-shots are spent
-    assert _timers_on_poller(r, lambda: len(r.pollers[0]._timers)) == 0
+    assert on_poller(r.pollers[0], lambda: len(r.pollers[0]._timers)) == 0
 
 
 def test_closed_handler_timers_are_cancelled(make_reactor):
@@ -2325,11 +2325,11 @@ def test_closed_handler_timers_are_cancelled(make_reactor):
     with socket.create_connection(a.address) as c:
         wait_until(lambda: fired, what="a first firing")
         h = hs[0]
-        _timers_on_poller(r, h.close)
+        on_poller(r.pollers[0], h.close)
         assert h.timer.cancelled
         n = len(fired)
         with pytest.raises(RuntimeError, match="not registered"):
-            _timers_on_poller(r, h.schedule_timer, 10)
+            on_poller(r.pollers[0], h.schedule_timer, 10)
         # peer sees EOF; a later timer on the same poller fires after the old deadline
         c.settimeout(WAIT)
         assert c.recv(10) == b""
@@ -2411,7 +2411,7 @@ def test_reactor_call_later_lands_on_poller_0(make_reactor):
     def cb():
         got.append(r.current_poller() is r.pollers[0])
         done.set()
-    t = _timers_on_poller(r, lambda: r.call_later(0.001, cb), index=2)   # from another poller's thread
+    t = on_poller(r.pollers[2], lambda: r.call_later(0.001, cb))   # from another poller's thread
     assert done.wait(WAIT) and got == [True] and t.cancelled
 
 
@@ -2430,7 +2430,7 @@ def test_exception_in_callback_is_logged_and_others_run(make_reactor, goev_log):
         p.call_later(0, boom)
         p.call_later(0, order.append, "after")
         p.call_later(0.001, done.set)
-    _timers_on_poller(r, schedule)
+    on_poller(r.pollers[0], schedule)
     assert done.wait(WAIT)
     assert order == ["boom", "after"]
     assert any("timer boom" in str(rec.exc_info[1]) for rec in goev_log.errors() if rec.exc_info)
@@ -2524,7 +2524,7 @@ def test_read_views_per_length_survive_release(make_reactor, npollers, goev_log)
     with socket.create_connection(a.address) as c1, socket.create_connection(a.address) as c2:
         for size in (10, 10, 10, 1, 2047, 2047, 2048, 2048, 5000, 5000, 5000, 10, 1, 2048):
             for c in (c1, c2):                  # two handlers, maybe one poller
-                msg = _randbytes(rng, size)
+                msg = rng.randbytes(size)
                 c.sendall(msg)
                 assert recv_exact(c, size) == msg
     assert not goev_log.errors()
@@ -2667,7 +2667,7 @@ def test_handler_on_pipe_fds(make_reactor):
         r.add_handler(rh, rd, goev.EV_IN)
         r.add_handler(wh, wr, goev.EV_IN)    # never readable: EV_OUT comes with a queue
         r.start()
-        data = _randbytes(random.Random(3), 1 << 20)
+        data = random_bytes(1 << 20, seed=3)
         for i in range(0, len(data), 4096):  # many writes: the queue gathers them
             wh.write(data[i:i + 4096])       # (off the poller thread: async_write)
         wait_until(lambda: len(got) == len(data), what="1 MiB through the pipe")
@@ -2698,7 +2698,7 @@ def test_echo_random_chunks_tiny_buffers(make_reactor, npollers):
     extra bytes after the stream show up before the final EOF."""
     r, a = echo_server(make_reactor, npollers)
     size = 1 << 20
-    data = _randbytes(random.Random(7), size)
+    data = random_bytes(size, seed=7)
     c = socket.socket()
     c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -2735,7 +2735,7 @@ def test_200_concurrent_clients(make_reactor, npollers):
     factory, handlers = _core_collecting(_TrackedEcho)
     r, a = echo_server(make_reactor, npollers, factory=factory)
     rng = random.Random(200)
-    payloads = [b"client %03d:" % i + _randbytes(rng, rng.randint(1, 40000)) for i in range(200)]
+    payloads = [b"client %03d:" % i + rng.randbytes(rng.randint(1, 40000)) for i in range(200)]
     clients = [socket.create_connection(a.address, timeout=WAIT) for _ in range(200)]
     try:
         for c, p in zip(clients, payloads):
@@ -2833,7 +2833,7 @@ def test_slow_reader_is_paced_and_paused(make_reactor):
     the bytes the kernel has not taken, a handler that keeps getting on_read
     while it is above the high water mark, and any reordering of the stream."""
     total = 32 << 20
-    data = _randbytes(random.Random(32), total)
+    data = random_bytes(total, seed=32)
     factory, handlers = _core_collecting(type("Flood", (_Flood,), {"data": data}))
     r, a = echo_server(make_reactor, 1, factory=factory)
     c = socket.socket()
@@ -2927,7 +2927,7 @@ def test_echo_backpressure_bounds_memory(make_reactor):
     a = goev.Acceptor(r, "127.0.0.1:0", factory)
     r.start()
     size = 20 << 20
-    data = _randbytes(random.Random(20), size)
+    data = random_bytes(size, seed=20)
     with socket.create_connection(a.address, timeout=WAIT) as c:
         s = _Bg(c.sendall, data)
         wait_until(lambda: handlers and handlers[0].pending_write_bytes > goev.DEFAULT_HIGH_WATER,
@@ -2987,7 +2987,7 @@ def test_peer_half_close_server_keeps_writing(make_reactor, npollers):
     EOF, and re-polling a half-closed fd (on_read again and again)."""
     factory, handlers = _core_collecting(_AnswerAfterEOF)
     r, a = echo_server(make_reactor, npollers, factory=factory)
-    body = _randbytes(random.Random(3), 200000)
+    body = random_bytes(200000, seed=3)
     with socket.create_connection(a.address, timeout=WAIT) as c:
         c.sendall(body)
         c.shutdown(socket.SHUT_WR)
@@ -3037,7 +3037,7 @@ def test_bytes_before_fin_or_rst_are_delivered(make_reactor, npollers, ending):
     r = make_reactor(npollers, read_buffer_size=4096)
     factory, handlers = _core_collecting(_Recorder)
     a = goev.Acceptor(r, "127.0.0.1:0", factory)
-    data = _randbytes(random.Random(50), 50000)
+    data = random_bytes(50000, seed=50)
     c = socket.create_connection(a.address, timeout=WAIT)
     c.sendall(data)
     wait_until(lambda: _outq(c.fileno()) == 0, what="the server kernel to hold every byte")
@@ -3578,7 +3578,7 @@ def test_double_half_close(make_reactor, npollers):
     r = make_reactor(npollers)
     a = goev.Acceptor(r, "127.0.0.1:0", H)
     r.start()
-    body = _pattern(300000, 44)
+    body = random_bytes(300000, 44)
     with socket.create_connection(a.address, timeout=WAIT) as c:
         h = H.opened.get(timeout=WAIT)
         c.sendall(body)
@@ -3597,7 +3597,7 @@ class _Pusher(goev.IOHandle):
         self.closes = 0
         self.reactor.add_handler(self, self.fd, goev.EV_IN)
         type(self).opened.put(self)
-        self.write(_pattern(type(self).total, 7))
+        self.write(random_bytes(type(self).total, 7))
         return True
 
     def on_read(self):
@@ -3653,7 +3653,7 @@ def test_peer_reset_mid_write_is_on_close_not_error(make_reactor, npollers, goev
     for h in hs:
         assert h.error is None or isinstance(h.error, (ConnectionResetError, BrokenPipeError)), h.error
     assert not goev_log.errors()
-    assert _reliability_echo_ok(goev.Acceptor(r, "127.0.0.1:0", Echo))
+    assert echo_ok(goev.Acceptor(r, "127.0.0.1:0", Echo).address)
 
 
 def test_write_after_send_error_dropped_and_counted(make_reactor, goev_log):
@@ -3670,10 +3670,10 @@ def test_write_after_send_error_dropped_and_counted(make_reactor, goev_log):
     c.close()
     wait_until(lambda: h.closes == 1)
     before = h.dropped_bytes
-    _reliability_on_poller(h.poller, h.write, b"12345")
+    on_poller(h.poller, h.write, b"12345")
     h.async_write(b"678")
     h.write(b"90")
-    _reliability_on_poller(h.poller, lambda: None)
+    on_poller(h.poller, lambda: None)
     assert h.dropped_bytes == before + 10
     assert not goev_log.errors()
 
@@ -3730,7 +3730,7 @@ def test_water_marks_validated_and_drained_writes_elsewhere(make_reactor):
         h.set_write_buffer_limits("1024")
     relay = {}
     total = 512 * 1024
-    data = _pattern(total, 54)
+    data = random_bytes(total, 54)
 
     class Src(goev.IOHandle):
         def on_open(self):
@@ -3772,7 +3772,7 @@ def test_water_marks_validated_and_drained_writes_elsewhere(make_reactor):
     got2 = []
     t = threading.Thread(target=lambda: got2.append(recv_exact(c2, 65536 * (n_chunks - 1))))
     t.start()
-    _reliability_on_poller(second.poller, second.push)    # start the chain
+    on_poller(second.poller, second.push)    # start the chain
     got = recv_exact(c1, total)
     t.join(WAIT)
     assert got == data
@@ -3827,7 +3827,7 @@ def _read_verify(sock, expect_chunks, total):
 def test_60mib_single_write(make_reactor):
     """One write() of 60 MiB (most of it queued at once) arrives
     exactly, then EOF; nothing is left queued or dropped."""
-    big = _pattern(60 << 20, 56)
+    big = random_bytes(60 << 20, 56)
     H = type("B", (_Blast,), {"plan": staticmethod(lambda: [big])})
     r = make_reactor(1)
     a = goev.Acceptor(r, "127.0.0.1:0", H)
@@ -3841,7 +3841,7 @@ def test_10000_writes_of_100kib(make_reactor):
     """10 000 write() calls of 100 KiB each (1000 MiB queued
     behind a socket the client drains at its own pace; the gathered sendmsg
     path): every byte arrives, in order, then EOF."""
-    chunks = [bytes([i]) * 1024 + _pattern(100 * 1024 - 1024, i) for i in range(7)]
+    chunks = [bytes([i]) * 1024 + random_bytes(100 * 1024 - 1024, i) for i in range(7)]
     H = type("B", (_Blast,), {"plan": staticmethod(lambda: (chunks[i % 7] for i in range(10000)))})
     r = make_reactor(1)
     a = goev.Acceptor(r, "127.0.0.1:0", H)
@@ -3858,8 +3858,8 @@ def test_random_chunks_both_ways_tiny_sndbuf(make_reactor, npollers):
     side half-closes; each side gets the other's exact bytes, then EOF."""
     seed = 2024
     rnd = random.Random(seed)
-    down = _pattern(1 << 20, seed)
-    up = _pattern(1 << 20, seed + 1)
+    down = random_bytes(1 << 20, seed)
+    up = random_bytes(1 << 20, seed + 1)
     res = {}
 
     class Both(goev.IOHandle):
@@ -3997,7 +3997,7 @@ def test_abort_variants_leave_reactor_clean(make_reactor, goev_log):
     full = next(h for h in events if h.mode == "full_queue")
     assert full.queued_at_abort > 0 and full.dropped_bytes == full.queued_at_abort
     p = r.pollers[0]
-    _reliability_on_poller(p, lambda: None)
+    on_poller(p, lambda: None)
     assert list(p._handlers.values()) == [a]
     assert not [t for t in p._timers if t[2] is not None]
     errs = [rec.getMessage() for rec in goev_log.errors()]
@@ -4030,7 +4030,7 @@ def test_closed_handler_releases_fd_and_references(make_reactor, npollers):
             pass
         del h
     for p in r.pollers:
-        _reliability_on_poller(p, lambda: None)
+        on_poller(p, lambda: None)
     while not got.empty():
         got.get()
     gc.collect()
@@ -4405,7 +4405,7 @@ def _start_gated_and_call(r, gate, pairs, entered):
     for (ours, _), h in zip(pairs, hs):
         ours.setblocking(False)
         r.add_handler(h, ours.fileno(), goev.EV_IN)
-    big = _pattern(1 << 20, 7)                      # more than the kernel takes at once
+    big = random_bytes(1 << 20, 7)                      # more than the kernel takes at once
     r.start()
     hs[0].write(b"hello")
     hs[0].shutdown_write()
@@ -4979,7 +4979,7 @@ def test_async_writes_racing_handler_close_account_every_byte(make_reactor, npol
         data = None
     c.close()
     wait_until(lambda: h.closes == 1, what="on_close")
-    _reliability_on_poller(h.poller, lambda: None)        # FIFO: every posted write has run (or been dropped)
+    on_poller(h.poller, lambda: None)        # FIFO: every posted write has run (or been dropped)
     assert h.closes == 1 and not goev_log.errors() and not errors_in_threads
     if how == "close":
         assert data is not None
@@ -5015,7 +5015,7 @@ def test_exception_in_posted_callback_is_logged(make_reactor, npollers, goev_log
     errs = [rec for rec in goev_log.errors() if "posted" in rec.getMessage()]
     assert len(errs) == npollers and "posted boom" in str(errs[0].exc_info[1])
     a = goev.Acceptor(r, "127.0.0.1:0", Echo)
-    assert _reliability_echo_ok(a)
+    assert echo_ok(a.address)
 
 
 def test_broken_repr_in_error_path_is_contained(make_reactor, goev_log):
@@ -5042,7 +5042,7 @@ def test_broken_repr_in_error_path_is_contained(make_reactor, goev_log):
     wait_until(lambda: len(goev_log.errors()) >= 2, what="two error logs")
     msgs = [rec.getMessage() for rec in goev_log.errors()]
     assert any("Bad object at" in m for m in msgs), msgs
-    assert _reliability_echo_ok(b)
+    assert echo_ok(b.address)
 
 
 class _Slow(goev.IOHandle):
@@ -5731,7 +5731,7 @@ def test_add_handler_with_closed_fd(make_reactor, goev_log):
         r.add_handler(h, fd, goev.EV_IN)
         wait_until(lambda: h.closes == 1, what="on_close of the invalid fd")
         assert _idle_passes(r.pollers[0]) < _SPINNING
-    assert _reliability_echo_ok(goev.Acceptor(r, "127.0.0.1:0", Echo))
+    assert echo_ok(goev.Acceptor(r, "127.0.0.1:0", Echo).address)
 
 
 # run()/start()/stop() as a state machine (NEW -> RUNNING -> STOPPING -> DONE):
@@ -6251,9 +6251,9 @@ def test_eaddrinuse_and_reuse_port(make_reactor):
     b2 = goev.Acceptor(r, b1.address, Echo, reuse_port=True)
     r.start()
     for _ in range(20):
-        assert _reliability_echo_ok(b1)
+        assert echo_ok(b1.address)
     b1.close()
-    assert _reliability_echo_ok(b2)                       # the port is still served by the second
+    assert echo_ok(b2.address)                       # the port is still served by the second
 
 
 def test_listener_kept_alive_without_user_reference(make_reactor):
@@ -6871,7 +6871,7 @@ def test_rst_during_connect_loop_survives(make_reactor, goev_log):
         c.connect(a.address)
         c.close()
     release.set()
-    assert _reliability_echo_ok(a)
+    assert echo_ok(a.address)
     wait_until(lambda: list(r.pollers[0]._handlers.values()) == [a], what="every reset one closed")
     assert not goev_log.errors()
 
@@ -7168,9 +7168,6 @@ def tls_connect(address, client_ctx, **kw):
         raise
 
 
-def _tls_payload(size):
-    rnd = random.Random(size)
-    return rnd.randbytes(size) if hasattr(rnd, "randbytes") else os.urandom(size)
 
 
 def test_tls_on_data_handler_echo_and_eof(make_reactor, npollers, server_ctx, client_ctx):
@@ -7304,7 +7301,7 @@ class MemoryClient:
 @pytest.mark.parametrize("size", [1, 100, 65536, 1 << 20, 8 << 20])
 def test_tls_echo_byte_exact(make_reactor, npollers, server_ctx, client_ctx, size):
     r, a = echo_server(make_reactor, npollers, ssl=server_ctx)
-    data = _tls_payload(size)
+    data = random_bytes(size, seed=size)
     with MemoryClient(a.address, client_ctx) as c:
         assert c.obj.version() in ("TLSv1.2", "TLSv1.3")
         assert echo_through(c, data) == data
@@ -7318,7 +7315,7 @@ def test_tls_many_clients_both_ways(make_reactor, npollers, server_ctx, client_c
 
     def one(i):
         try:
-            data = _tls_payload(1000 + 7919 * i)
+            data = random_bytes(1000 + 7919 * i)
             with MemoryClient(a.address, client_ctx) as c:
                 if echo_through(c, data) != data:
                     errors.append(i)
@@ -7420,7 +7417,7 @@ def test_tls_goev_client_to_goev_server(make_reactor, npollers, server_ctx, clie
         r, a = echo_server(make_reactor, npollers, addr=listen, ssl=server_ctx)
     except OSError:
         pytest.skip("no IPv6 loopback")
-    data = _tls_payload(300000)
+    data = random_bytes(300000, seed=300000)
     h = TLSProbe(data)
     goev.Connector(r).connect("%s:%d" % (host, a.address[1]), h, 5000, ssl=client_ctx)
     assert h.done.wait(WAIT)
@@ -7639,7 +7636,7 @@ def test_tls_backpressure_slow_reader(make_reactor, server_ctx, client_ctx):
             super().write(data)
             peak[0] = max(peak[0], self.pending_write_bytes)
     r, a = echo_server(make_reactor, 1, factory=Watch, ssl=server_ctx)
-    data = _tls_payload(4 << 20)
+    data = random_bytes(4 << 20)
     with MemoryClient(a.address, client_ctx, rcvbuf=16384) as c:
         c.obj.write(data)
         t = threading.Thread(target=c.sock.sendall, args=(c.out.read(),))
@@ -7691,7 +7688,7 @@ def test_tls_edge_triggered_reader(make_reactor, server_ctx, client_ctx):
                     return False
                 self.write(data)
     r, a = echo_server(make_reactor, 1, factory=ET, ssl=server_ctx)
-    data = _tls_payload(1 << 20)
+    data = random_bytes(1 << 20)
     with MemoryClient(a.address, client_ctx) as c:
         assert echo_through(c, data) == data
 
@@ -7702,7 +7699,7 @@ def test_tls_tiny_read_buffer(make_reactor, server_ctx, client_ctx):
     r = make_reactor(1, read_buffer_size=1000)
     a = goev.Acceptor(r, "127.0.0.1:0", Echo, ssl=server_ctx)
     r.start()
-    data = _tls_payload(200000)
+    data = random_bytes(200000, seed=200000)
     with MemoryClient(a.address, client_ctx) as c:
         assert echo_through(c, data) == data
 
@@ -8886,16 +8883,12 @@ def test_sighup_without_workers_is_ignored(backend):
             return "SIGHUP ignored" in err.read()
         wait_until(warned, what="the warning")
         assert p.poll() is None                       # not killed by SIGHUP
-        assert _infra_echo_ok(port)
+        assert echo_ok(("127.0.0.1", port), b"x")
     finally:
         assert stop_child(p) == 0
         err.close()
 
 
-def _infra_echo_ok(port):
-    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as c:
-        c.sendall(b"x")
-        return recv_exact(c, 1) == b"x"
 
 
 def test_serve_shared_socket_unix_workers(backend, tmp_path):
@@ -10076,17 +10069,8 @@ def assert_clean_exit(proc):
     return out, err
 
 
-def rss_kib(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS for %d" % pid)
 
 
-def _examples_misc_payload(n, seed=0):
-    r = random.Random(seed)
-    return r.randbytes(n) if hasattr(r, "randbytes") else os.urandom(n)
 
 
 def echo_roundtrip(port, data):
@@ -10120,7 +10104,7 @@ def nc_argv(port):
 
 def test_example_echo(backend, kids):
     proc, port = start_example(kids, ["echo.py", "127.0.0.1:0"], backend)
-    echo_roundtrip(port, _examples_misc_payload(1 << 20))
+    echo_roundtrip(port, random_bytes(1 << 20))
     line = b"hello from a real client\n"
     assert run_tool([need_tool("socat"), "-", "TCP:127.0.0.1:%d" % port], line) == line
     assert run_tool(nc_argv(port), line) == line
@@ -10142,7 +10126,7 @@ def test_example_echo_on_a_unix_socket(backend, kids, tmp_path):
     kids.append(proc)
     line = _readline(proc.stderr)
     assert line.strip() == "echo: listening on unix:" + path, line + finish(proc)[2]
-    data = _examples_misc_payload(300000, seed=23)
+    data = random_bytes(300000, seed=23)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
         c.settimeout(WAIT)
         c.connect(path)
@@ -10199,9 +10183,9 @@ def start_proxy(kids, backend, upstream_port, pollers=1):
 def test_proxy_echo_8mib_both_ways(backend, npollers, kids):
     echo, echo_port = start_example(kids, ["echo.py", "127.0.0.1:0"], backend)
     proxy, port = start_proxy(kids, backend, echo_port, npollers)
-    echo_roundtrip(port, _examples_misc_payload(8 << 20, seed=npollers))
+    echo_roundtrip(port, random_bytes(8 << 20, seed=npollers))
     # several clients at once (pairs spread over the pollers)
-    threads = [threading.Thread(target=echo_roundtrip, args=(port, _examples_misc_payload(300000, seed=i)))
+    threads = [threading.Thread(target=echo_roundtrip, args=(port, random_bytes(300000, seed=i)))
                for i in range(4)]
     for t in threads:
         t.start()
@@ -10230,7 +10214,7 @@ def test_proxy_relays_half_close(backend, npollers, kids):
 
     up = Upstream(script, conns=2)
     proxy, port = start_proxy(kids, backend, up.port, npollers)
-    data = _examples_misc_payload(300000)
+    data = random_bytes(300000)
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as c:
         c.sendall(data)
         c.shutdown(socket.SHUT_WR)            # upstream must see EOF, and still answer
@@ -10251,7 +10235,7 @@ def test_proxy_backpressure_bounds_memory(backend, kids, direction, pollers):
     upstream sends, the client pauses; "up": the reverse).  The proxy must stop
     reading the sender -- its RSS stays flat -- and then deliver every byte."""
     total = 40 << 20
-    chunk = _examples_misc_payload(1 << 20)
+    chunk = random_bytes(1 << 20)
     paused = threading.Event()
     resume = threading.Event()
     got = []
@@ -10329,7 +10313,7 @@ def test_proxy_buffers_data_sent_before_upstream_connects(backend, kids):
     try:
         upstream_port = ls.getsockname()[1]
         proxy, port = start_proxy(kids, backend, upstream_port)
-        data = _examples_misc_payload(1 << 20, seed=7)
+        data = random_bytes(1 << 20, seed=7)
         c = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
         sender = threading.Thread(target=lambda: (c.sendall(data), c.shutdown(socket.SHUT_WR)))
         sender.start()
@@ -10365,7 +10349,7 @@ def test_proxy_upstream_refused_closes_client(backend, kids):
 
 
 def test_proxy_curl_to_http_server(backend, kids, tmp_path):
-    blob = _examples_misc_payload(3 << 20, seed=3)
+    blob = random_bytes(3 << 20, seed=3)
     (tmp_path / "blob.bin").write_bytes(blob)
     http_port = free_port()
     server = spawn_py(["-u", "-m", "http.server", "--bind", "127.0.0.1", "--directory",
@@ -10402,7 +10386,7 @@ def test_proxy_redis_cli(backend, kids, tmp_path):
     assert run_tool(cli + ["PING"]).strip() == b"PONG"
     assert run_tool(cli + ["SET", "greeting", "hello"]).strip() == b"OK"
     assert run_tool(cli + ["GET", "greeting"]).strip() == b"hello"
-    big = _examples_misc_payload(1 << 20, seed=5).hex().encode()[: 1 << 20]   # 1 MiB value through -x (stdin)
+    big = random_bytes(1 << 20, seed=5).hex().encode()[: 1 << 20]   # 1 MiB value through -x (stdin)
     assert run_tool(cli + ["-x", "SET", "big"], big).strip() == b"OK"
     assert run_tool(cli + ["STRLEN", "big"]).strip() == str(len(big)).encode()
     assert run_tool(cli + ["GET", "big"]).rstrip(b"\n") == big
@@ -10436,7 +10420,7 @@ def test_proxy_to_goev_examples_curl_http_hello_and_redis_cli_kv(backend, kids):
 
 @pytest.mark.parametrize("mode", ["write", "sendfile"])
 def test_download_delivers_the_file(backend, kids, tmp_path, mode):
-    blob = _examples_misc_payload(3 << 20 | 12345, seed=11)
+    blob = random_bytes(3 << 20 | 12345, seed=11)
     path = tmp_path / "file.bin"
     path.write_bytes(blob)
     extra = ["--sendfile"] if mode == "sendfile" else []
@@ -10475,7 +10459,7 @@ def test_download_delivers_the_file(backend, kids, tmp_path, mode):
 def test_download_rate_limit_is_applied(backend, kids, tmp_path):
     """200 KB at 100 KB/s cannot take less than ~2 s (asserted: >= 1.5 s), in
     both modes at once; and the bytes are exact."""
-    blob = _examples_misc_payload(200000, seed=13)
+    blob = random_bytes(200000, seed=13)
     path = tmp_path / "file.bin"
     path.write_bytes(blob)
     curl = need_tool("curl")
@@ -10503,7 +10487,7 @@ def test_download_slow_readers_keep_memory_flat(backend, kids, tmp_path):
     running at the same time: the server's RSS must not follow the file size."""
     size = 50 << 20
     path = tmp_path / "big.bin"
-    block = _examples_misc_payload(1 << 20, seed=17)
+    block = random_bytes(1 << 20, seed=17)
     with open(path, "wb") as f:
         for _ in range(size // len(block)):
             f.write(block)
@@ -10594,8 +10578,8 @@ def test_example_timers(backend, kids):
 
 def test_threads_baseline_echo(kids):
     proc, port = start_example(kids, ["threads_baseline.py", "echo", "127.0.0.1:0"])
-    echo_roundtrip(port, _examples_misc_payload(1 << 20))
-    threads = [threading.Thread(target=echo_roundtrip, args=(port, _examples_misc_payload(100000, seed=i)))
+    echo_roundtrip(port, random_bytes(1 << 20))
+    threads = [threading.Thread(target=echo_roundtrip, args=(port, random_bytes(100000, seed=i)))
                for i in range(4)]
     for t in threads:
         t.start()
@@ -11334,13 +11318,6 @@ def test_kv_redis_benchmark(backend, npollers):
 MiB = 1 << 20
 
 
-def proc_status(pid, field):
-    """A /proc/PID/status field in bytes (VmRSS: resident now, VmHWM: the peak)."""
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no %s in /proc/%d/status" % (field, pid))
 
 
 def reset_peak_rss(pid):
@@ -12412,12 +12389,6 @@ r.run()
 """
 
 
-def _vmrss_kib(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 @pytest.mark.slow
@@ -12439,7 +12410,7 @@ def test_10k_connections(backend):
         port = int(proc.stdout.readline())
         pid = proc.pid
         base_fds = len(os.listdir("/proc/%d/fd" % pid))
-        rss0 = _vmrss_kib(pid)
+        rss0 = rss_kib(pid)
         t0 = time.monotonic()
         for i in range(n):
             s = socket.socket()
@@ -12454,7 +12425,7 @@ def test_10k_connections(backend):
         for i, s in enumerate(clients):
             assert recv_exact(s, 5) == b"%05d" % i
         t_echo = time.monotonic() - t0 - t_conn
-        rss1 = _vmrss_kib(pid)
+        rss1 = rss_kib(pid)
         per_conn = (rss1 - rss0) * 1024.0 / n
         print("\n10k connections [%s]: RSS %.1f -> %.1f MiB, %.0f bytes per connection; "
               "connect %.1fs, echo %.1fs" % (backend, rss0 / 1024, rss1 / 1024, per_conn, t_conn, t_echo))
