@@ -59,6 +59,19 @@ WAIT = 20.0                  # generous timeout for "this should happen soon"
 # matters, with 1 and 3 pollers (npollers).  hygiene checks after each test that no
 # fd, thread or child process is left behind.  The helpers below are shared by
 # several sections; a helper used by one section lives at the top of it.
+#
+# Tests use the public API wherever the behaviour is public.  Where a test must
+# look inside, it uses these internals, and only for these reasons:
+#   poller._post (on_poller)       run code on a poller's thread: the only place
+#                                  its own state may be read without a race;
+#   poller._handlers               is this fd registered (no public view of it);
+#   poller._timers, _call_at,      the timer heap's invariants and bookkeeping
+#     _timers_dead, _heap_*, ...   (section 5), which no public call exposes;
+#   poller._backend                count the loop's passes (_PollCounter), or
+#                                  make a backend call fail on purpose;
+#   handler._sock, _paused, _state what close / pause left behind;
+#   goev._proxy_parse, _tls_class, the parsers and the class swap, fed directly
+#     HttpFeeder (goev._Http...)   (every split of the input, malformed corpora).
 
 
 BACKENDS = ["epoll", "selectors"] if hasattr(__import__("select"), "epoll") else ["selectors"]
