@@ -788,9 +788,12 @@ class IOHandle:
     """Base class of every handler.  Subclass it and override the ``on_*`` callbacks.
 
     Every callback runs on the thread of the poller that owns the handler.
-    ``on_read``/``on_write`` return True to keep going, False to close (queued
-    data is still flushed; call ``abort()`` to drop it).  An exception in a
-    callback is logged on the "goev" logger and closes this handler only.
+    Two ways to receive: override ``on_data(data)`` (and maybe ``on_eof()``)
+    and goev reads for you; or override ``on_read`` and call ``read()``
+    yourself -- one or the other.  ``on_read``/``on_write`` return True to keep
+    going, False to close (queued data is still flushed; call ``abort()`` to
+    drop it).  An exception in a callback is logged on the "goev" logger and
+    closes this handler only.
 
     Attributes: ``fd`` (-1 once closed), ``reactor`` (where ``on_open``
     registers), ``poller``, ``peer`` (the remote address), ``error`` (the
