@@ -27,12 +27,8 @@ import goev  # noqa: E402  (imported from the repo root, see the line above)
 
 
 class Echo(goev.IOHandle):
-    def on_read(self):
-        data = self.read()          # memoryview of the poller's buffer
-        if data is None:            # spurious wake-up: nothing to read
-            return True
-        self.write(data)            # empty data (end of stream) too
-        return bool(data)           # False closes (after the flush)
+    def on_data(self, data):        # bytes arrived: a memoryview of the poller's buffer
+        self.write(data)            # never blocks; at end of stream on_eof() closes
 
 
 def where(address):

@@ -39,17 +39,11 @@ class Hello(goev.IOHandle):
         self.reactor.add_handler(self, self.fd, goev.EV_IN, poller=here.index)
         return True
 
-    def on_read(self):
-        data = self.read()
-        if data is None:
-            return True
-        if not data:
-            return False
+    def on_data(self, data):
         if bytes(data[:4]) in (b"GET ", b"HEAD"):
             self.write(RESPONSE * max(1, bytes(data).count(b"\r\n\r\n")))
         else:
             self.write(data)
-        return True
 
 
 def main():
