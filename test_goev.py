@@ -11815,17 +11815,20 @@ def _listening(port):
         return False
 
 
-@pytest.mark.parametrize("script,module", [("asyncio_server.py", None), ("twisted_server.py", "twisted"),
-                                           ("tornado_server.py", "tornado"), ("gevent_server.py", "gevent")])
+@pytest.mark.parametrize("script,module", [("asyncio_server.py", None), ("threads_server.py", None),
+                                           ("twisted_server.py", "twisted"), ("tornado_server.py", "tornado"),
+                                           ("gevent_server.py", "gevent")])
 def test_bench_server_echoes_and_answers_http(script, module):
     """A bench comparison server echoes 64 bytes exactly, answers two pipelined
     HTTP requests with two 200 plaintext responses in order on one kept-alive
-    connection, and exits 0 on SIGTERM."""
+    connection, and exits 0 on SIGTERM; it finds its shared module
+    (bench/servers/common.py) also under PYTHONSAFEPATH."""
     py = _bench_server_python(module)
+    env = dict(os.environ, PYTHONSAFEPATH="1")
     for kind in ("echo", "http"):
         port = free_port()
         proc = subprocess.Popen([py, os.path.join(HERE, "bench", "servers", script), kind, "127.0.0.1:%d" % port],
-                                cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             wait_until(lambda: proc.poll() is not None or _listening(port), what="%s to listen" % script)
             assert proc.poll() is None, proc.communicate()

@@ -6,28 +6,15 @@ Plain asyncio.Protocol callbacks (no streams), the fastest way to write an
 asyncio server. With --uvloop the same code runs on uvloop's event loop.
 SIGINT/SIGTERM exit 0.
 """
-import argparse
 import asyncio
+import os
 import signal
-import socket
 import sys
-import time
-from email.utils import formatdate
 
-_date = [0, b""]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py's folder, also under PYTHONSAFEPATH
+from common import http_answerer, parse_args  # noqa: E402
 
-
-def http_response():
-    now = int(time.time())
-    if now != _date[0]:
-        _date[0] = now
-        _date[1] = (
-            b"HTTP/1.1 200 OK\r\nServer: asyncio\r\nContent-Type: text/plain\r\n"
-            b"Content-Length: 13\r\nDate: "
-            + formatdate(now, usegmt=True).encode()
-            + b"\r\n\r\nHello, World!"
-        )
-    return _date[1]
+answer = http_answerer("asyncio")
 
 
 class Echo(asyncio.Protocol):
@@ -44,11 +31,9 @@ class Http(asyncio.Protocol):
         self.buf = b""
 
     def data_received(self, data):
-        buf = self.buf + data if self.buf else data
-        n = buf.count(b"\r\n\r\n")
-        if n:
-            self.transport.write(http_response() * n)  # one answer per request, in order
-            buf = buf[buf.rfind(b"\r\n\r\n") + 4:]
+        reply, buf = answer(self.buf + data if self.buf else data)
+        if reply:
+            self.transport.write(reply)  # one answer per request, in order
         if len(buf) > 65536:
             self.transport.close()
             return
@@ -56,21 +41,20 @@ class Http(asyncio.Protocol):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--uvloop", action="store_true")
-    ap.add_argument("kind", choices=["echo", "http"])
-    ap.add_argument("addr")
-    a = ap.parse_args(argv)
-    host, _, port = a.addr.rpartition(":")
-    if a.uvloop:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    use_uvloop = "--uvloop" in argv
+    if use_uvloop:
+        argv.remove("--uvloop")
+    kind, host, port = parse_args(argv, "asyncio_server.py [--uvloop]")
+    if use_uvloop:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    proto = Echo if a.kind == "echo" else Http
+    proto = Echo if kind == "echo" else Http
     server = loop.run_until_complete(
-        loop.create_server(proto, host or "0.0.0.0", int(port), backlog=1024, reuse_address=True)
+        loop.create_server(proto, host, port, backlog=1024, reuse_address=True)
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, loop.stop)

@@ -4,33 +4,23 @@
 
 A `gevent.server.StreamServer`: one greenlet per connection running blocking-
 style `recv`/`sendall` on gevent's cooperative socket (libev loop): the way a
-gevent user writes a raw TCP server.  The HTTP responder is the one of
-asyncio_server.py (count the `\\r\\n\\r\\n` terminators, answer each in order),
-not gevent.pywsgi.  TCP_NODELAY on every connection.  SIGINT/SIGTERM exit 0.
+gevent user writes a raw TCP server.  The HTTP responder is the other
+servers' one, common.py (count the `\\r\\n\\r\\n` terminators, answer each in
+order), not gevent.pywsgi.  TCP_NODELAY on every connection.  SIGINT/SIGTERM
+exit 0.
 """
+import os
 import signal
 import socket
 import sys
-import time
-from email.utils import formatdate
 
 import gevent
 from gevent.server import StreamServer
 
-_date = [0, b""]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py's folder, also under PYTHONSAFEPATH
+from common import answer_http, http_answerer, parse_args  # noqa: E402
 
-
-def http_response():
-    now = int(time.time())
-    if now != _date[0]:
-        _date[0] = now
-        _date[1] = (
-            b"HTTP/1.1 200 OK\r\nServer: gevent\r\nContent-Type: text/plain\r\n"
-            b"Content-Length: 13\r\nDate: "
-            + formatdate(now, usegmt=True).encode()
-            + b"\r\n\r\nHello, World!"
-        )
-    return _date[1]
+answer = http_answerer("gevent")
 
 
 def serve_echo(conn, address):
@@ -47,32 +37,12 @@ def serve_echo(conn, address):
 
 def serve_http(conn, address):
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    pending = b""
-    try:
-        while True:
-            data = conn.recv(65536)
-            if not data:
-                return
-            buf = pending + data if pending else data
-            n = buf.count(b"\r\n\r\n")
-            if n:
-                conn.sendall(http_response() * n)  # one answer per request, in order
-                buf = buf[buf.rfind(b"\r\n\r\n") + 4:]
-            if len(buf) > 65536:
-                return
-            pending = buf
-    except OSError:
-        return
+    answer_http(conn, answer)
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] not in ("echo", "http"):
-        print("usage: gevent_server.py echo|http HOST:PORT", file=sys.stderr)
-        return 2
-    host, _, port = argv[1].rpartition(":")
-    server = StreamServer((host or "0.0.0.0", int(port)), serve_echo if argv[0] == "echo" else serve_http,
-                          backlog=1024)
+    kind, host, port = parse_args(argv, "gevent_server.py")
+    server = StreamServer((host, port), serve_echo if kind == "echo" else serve_http, backlog=1024)
     server.stop_timeout = 0.5  # seconds the open connections get to finish when stopping
     for sig in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(sig, server.close)

@@ -10,23 +10,11 @@ import signal
 import socket
 import sys
 import threading
-import time
-from email.utils import formatdate
 
-_date = [0, b""]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py's folder, also under PYTHONSAFEPATH
+from common import answer_http, http_answerer, parse_args  # noqa: E402
 
-
-def http_response():
-    now = int(time.time())
-    if now != _date[0]:
-        _date[0] = now
-        _date[1] = (
-            b"HTTP/1.1 200 OK\r\nServer: threads\r\nContent-Type: text/plain\r\n"
-            b"Content-Length: 13\r\nDate: "
-            + formatdate(now, usegmt=True).encode()
-            + b"\r\n\r\nHello, World!"
-        )
-    return _date[1]
+answer = http_answerer("threads")
 
 
 def serve_echo(conn):
@@ -44,35 +32,16 @@ def serve_echo(conn):
 
 
 def serve_http(conn):
-    pending = b""
     with conn:
-        try:
-            while True:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                buf = pending + data if pending else data
-                n = buf.count(b"\r\n\r\n")
-                if n:
-                    conn.sendall(http_response() * n)
-                    buf = buf[buf.rfind(b"\r\n\r\n") + 4:]
-                if len(buf) > 65536:
-                    return
-                pending = buf
-        except OSError:
-            return
+        answer_http(conn, answer)
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] not in ("echo", "http"):
-        print("usage: threads_server.py echo|http HOST:PORT", file=sys.stderr)
-        return 2
-    handler = serve_echo if argv[0] == "echo" else serve_http
-    host, _, port = argv[1].rpartition(":")
+    kind, host, port = parse_args(argv, "threads_server.py")
+    handler = serve_echo if kind == "echo" else serve_http
     ls = socket.socket()
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind((host or "0.0.0.0", int(port)))
+    ls.bind((host, port))
     ls.listen(1024)
 
     def bye(*_):

@@ -5,33 +5,22 @@
 A `tornado.tcpserver.TCPServer` whose `handle_stream` coroutine reads the
 `IOStream` (`read_bytes(65536, partial=True)`) and awaits its writes: the way
 a tornado user writes a raw TCP server.  tornado runs on the asyncio loop.
-The HTTP responder is the one of asyncio_server.py (count the `\\r\\n\\r\\n`
-terminators, answer each in order), not tornado.web.  TCP_NODELAY on every
-connection.  SIGINT/SIGTERM exit 0.
+The HTTP responder is the other servers' one, common.py (count the
+`\\r\\n\\r\\n` terminators, answer each in order), not tornado.web.
+TCP_NODELAY on every connection.  SIGINT/SIGTERM exit 0.
 """
 import asyncio
+import os
 import signal
 import sys
-import time
-from email.utils import formatdate
 
 from tornado.iostream import StreamClosedError
 from tornado.tcpserver import TCPServer
 
-_date = [0, b""]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py's folder, also under PYTHONSAFEPATH
+from common import http_answerer, parse_args  # noqa: E402
 
-
-def http_response():
-    now = int(time.time())
-    if now != _date[0]:
-        _date[0] = now
-        _date[1] = (
-            b"HTTP/1.1 200 OK\r\nServer: tornado\r\nContent-Type: text/plain\r\n"
-            b"Content-Length: 13\r\nDate: "
-            + formatdate(now, usegmt=True).encode()
-            + b"\r\n\r\nHello, World!"
-        )
-    return _date[1]
+answer = http_answerer("tornado")
 
 
 class Echo(TCPServer):
@@ -52,11 +41,9 @@ class Http(TCPServer):
         try:
             while True:
                 data = await stream.read_bytes(65536, partial=True)
-                buf = pending + data if pending else data
-                n = buf.count(b"\r\n\r\n")
-                if n:
-                    await stream.write(http_response() * n)  # one answer per request, in order
-                    buf = buf[buf.rfind(b"\r\n\r\n") + 4:]
+                reply, buf = answer(pending + data if pending else data)
+                if reply:
+                    await stream.write(reply)  # one answer per request, in order
                 if len(buf) > 65536:
                     stream.close()
                     return
@@ -67,7 +54,7 @@ class Http(TCPServer):
 
 async def serve(kind, host, port):
     server = (Echo if kind == "echo" else Http)()
-    server.listen(port, address=host or "0.0.0.0", backlog=1024)
+    server.listen(port, address=host, backlog=1024)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -77,12 +64,7 @@ async def serve(kind, host, port):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] not in ("echo", "http"):
-        print("usage: tornado_server.py echo|http HOST:PORT", file=sys.stderr)
-        return 2
-    host, _, port = argv[1].rpartition(":")
-    asyncio.run(serve(argv[0], host, int(port)))
+    asyncio.run(serve(*parse_args(argv, "tornado_server.py")))
     return 0
 
 

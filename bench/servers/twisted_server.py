@@ -3,14 +3,13 @@
     python bench/servers/twisted_server.py echo|http 127.0.0.1:PORT
 
 A `twisted.internet.protocol.Protocol` on the epoll reactor: the way a Twisted
-user writes a raw TCP server.  The HTTP responder is the one of
-asyncio_server.py (count the `\\r\\n\\r\\n` terminators, answer each in order),
+user writes a raw TCP server.  The HTTP responder is the other servers'
+one, common.py (count the `\\r\\n\\r\\n` terminators, answer each in order),
 not twisted.web.  TCP_NODELAY on every connection, as asyncio sets it.
 SIGINT/SIGTERM exit 0 (Twisted's own handlers stop the reactor).
 """
+import os
 import sys
-import time
-from email.utils import formatdate
 
 from twisted.internet import epollreactor
 
@@ -18,20 +17,10 @@ epollreactor.install()
 
 from twisted.internet import protocol, reactor  # noqa: E402  (after install())
 
-_date = [0, b""]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py's folder, also under PYTHONSAFEPATH
+from common import http_answerer, parse_args  # noqa: E402
 
-
-def http_response():
-    now = int(time.time())
-    if now != _date[0]:
-        _date[0] = now
-        _date[1] = (
-            b"HTTP/1.1 200 OK\r\nServer: twisted\r\nContent-Type: text/plain\r\n"
-            b"Content-Length: 13\r\nDate: "
-            + formatdate(now, usegmt=True).encode()
-            + b"\r\n\r\nHello, World!"
-        )
-    return _date[1]
+answer = http_answerer("twisted")
 
 
 class Echo(protocol.Protocol):
@@ -48,11 +37,9 @@ class Http(protocol.Protocol):
         self.buf = b""
 
     def dataReceived(self, data):
-        buf = self.buf + data if self.buf else data
-        n = buf.count(b"\r\n\r\n")
-        if n:
-            self.transport.write(http_response() * n)  # one answer per request, in order
-            buf = buf[buf.rfind(b"\r\n\r\n") + 4:]
+        reply, buf = answer(self.buf + data if self.buf else data)
+        if reply:
+            self.transport.write(reply)  # one answer per request, in order
         if len(buf) > 65536:
             self.transport.loseConnection()
             return
@@ -60,13 +47,9 @@ class Http(protocol.Protocol):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] not in ("echo", "http"):
-        print("usage: twisted_server.py echo|http HOST:PORT", file=sys.stderr)
-        return 2
-    host, _, port = argv[1].rpartition(":")
-    factory = protocol.Factory.forProtocol(Echo if argv[0] == "echo" else Http)
-    reactor.listenTCP(int(port), factory, backlog=1024, interface=host or "0.0.0.0")
+    kind, host, port = parse_args(argv, "twisted_server.py")
+    factory = protocol.Factory.forProtocol(Echo if kind == "echo" else Http)
+    reactor.listenTCP(port, factory, backlog=1024, interface=host)
     reactor.run()
     return 0
 
