@@ -49,19 +49,20 @@ in this order (section numbers below):
      handler shape of the example above; ``on_read`` does its own read).
   3. ``IOHandle.write``, ``_enqueue``, ``_flush`` (6): send now, queue the
      rest, arm EV_OUT; flush when writable; the water marks.
-  4. ``IOHandle._update`` (6): the one place that decides which events a
-     handler is registered for.
+  4. ``IOHandle._update`` (6): the one rule for which events a
+     handler is registered for (two marked fast paths apply its common
+     cases inline).
   5. ``IOHandle.close`` and ``_close_now`` (6), ``_Poller._finish_closes`` (7):
      leave the poller now, on_close and close(fd) at the end of the step.
-  6. ``_Poller._post`` and ``_drain_inbox`` (7): cross-thread work without a
-     lost wake-up.
+  6. ``_Poller._post``, ``_drain_inbox`` and ``_unowned`` (7): cross-thread
+     work without a lost wake-up (post, wake, drain, clear the flag).
   7. ``_Poller._run_timers`` (7) and the 4-ary heap (5).
   8. ``Reactor.add_handler``, ``run``, ``stop`` (8): placement and the life
      cycle (NEW, RUNNING, STOPPING, CLOSING, DONE).
   9. ``Acceptor.on_read`` (9) and ``Connector.connect`` (10).
 A first reading may skip: section 4's epoll notes past the first paragraph,
-the code under each ``# fast path:`` comment (the plain rule is written just
-above it), and all of Part II, which only attaches to hooks (section 7).
+the code under each ``# fast path:`` comment (the plain rule is written
+beside it), and all of Part II, which only attaches to hooks (section 7).
 
 Contents
 --------
@@ -190,7 +191,7 @@ _PROXY_TIMEOUT = 5.0            # seconds a new connection may take to send its 
 # whoever runs the poller's code (_mine) and the inbox stay what they are.
 
 _NEW, _RUNNING, _STOPPING, _CLOSING_ALL, _DONE = range(5)
-_STATE_NAMES = ("idle", "running", "stopping", "closing", "stopped")
+_STATE_NAMES = ("idle", "running", "stopping", "closing", "stopped")   # (in reprs: NEW is "idle" ...)
 
 # accept() errors that mean "out of a resource, try again later".  Linux keeps
 # reporting the listener readable, so retrying at once would spin: pause instead.
@@ -815,18 +816,18 @@ class IOHandle:
     _sock: Any                  # a socket, _BARE (fd-level only) or None once closed
     _wq: Optional[collections.deque]
     _wq_bytes: int
-    _user: int
-    _mask: int
+    _user: int                  # the events the user asked for (add_handler, append_event)
+    _mask: int                  # the events registered with the backend now (_update decides)
     _state: int
-    _eof: bool
-    _paused: bool
+    _eof: bool                  # end of stream seen: input is no longer polled
+    _paused: bool               # reading paused: the send queue is above the high water mark
     _shut_wr: bool
     _timer: Optional[Timer]
     _high: int
     _low: int
     dropped_bytes: int
     _watcher: Any               # see _Poller's hooks: told when the handler opens/fails/closes
-    _feeds: bool
+    _feeds: bool                # the loop reads for on_data itself (see __init_subclass__)
     _feeding = False        # on_data without a read() override: see __init_subclass__
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "IOHandle":
@@ -878,23 +879,29 @@ class IOHandle:
         self.close()
 
     def _feed(self) -> bool:
-        """``on_read`` of a class that overrides ``on_data`` (set by __init_subclass__)."""
-        data = self.read()
-        if data:
-            self.on_data(data)
-        elif data is not None:
-            self.on_eof()
-        return True
+        """``on_read`` of a class that overrides ``on_data`` (set by __init_subclass__):
+        read, then on_data(view), or on_eof() at end of stream.  Edge-triggered
+        (EV_ET), it reads until nothing is left, as section 4 requires."""
+        while True:
+            data = self.read()
+            if data:
+                self.on_data(data)
+                if self._mask & EV_ET and self._mask & EV_IN:
+                    continue                    # edge-triggered: until read() says None
+            elif data is not None:
+                self.on_eof()
+            return True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """A class that overrides on_data reads through ``_feed``; ``_feeds`` tells
-        the loop it may do that reading itself (plain ``read``, no TLS): ``_feeding``,
-        copied to each handler's ``_feeds`` slot."""
+        """A class that overrides ``on_data`` gets ``on_read = _feed``.  If it also
+        keeps IOHandle's plain ``read`` (not TLS's), ``_feeding`` is True: copied
+        to each handler's ``_feeds`` slot, it lets the loop do the reading itself
+        (see _Poller._loop)."""
         super().__init_subclass__(**kwargs)
         if cls.on_data is IOHandle.on_data:
             return
         if cls.on_read is not IOHandle.on_read and cls.on_read is not IOHandle._feed:
-            raise TypeError("%s defines both on_data and on_read: on_data is called with "
+            raise TypeError("%s has both on_data and on_read: on_data is called with "
                             "what goev read for it, on_read does its own reading -- "
                             "keep one" % cls.__qualname__)
         cls.on_read = IOHandle._feed  # type: ignore[method-assign]
@@ -902,7 +909,8 @@ class IOHandle:
 
     def on_write(self) -> Optional[bool]:
         """The fd is writable.  Default: flush the send queue (keep this if you
-        override).  False closes; None or True keep."""
+        override).  False closes; None keeps, except after end of stream (see
+        ``_closes``); True keeps."""
         return self._flush()
 
     def on_timeout(self, now_ms: int) -> bool:
@@ -975,7 +983,7 @@ class IOHandle:
         self._eof = True
         # fast path: with reading the only interest, _update's answer is "no
         # events": unregister without its frame.  With the same shortcut in
-        # Poller._add, 2.7 % of an accept's instructions (bench/icount.py).
+        # _Poller._add, 2.7 % of an accept's instructions (bench/icount.py).
         if self._mask == EV_IN:
             self._mask = 0
             try:
@@ -1668,22 +1676,7 @@ class _Poller:
         through the inbox, whose drops are counted in ``dropped_bytes``."""
         return self._mine._is_owned() or self._state == _NEW
 
-    # -- cross-thread inbox -------------------------------------------------------
-    # No lost wake-up (the Go original can lose one): producers append, *then* test
-    # the flag; the consumer clears the flag *before* it drains the inbox.  An
-    # item appended after the clear sees the flag down and wakes us; one
-    # appended before it is drained by the pass that follows.  The flag is
-    # also cleared right after every read of the waker, because the invariant
-    # is "no waker read between the last clear and a blocking poll()": with
-    # clear -> a producer's wake -> a read that eats it -> poll(), the flag
-    # would stay up with nothing to wake us, and every later post would skip
-    # the waker and sleep in the inbox.
-    # The loop drains right after poll() returns, before it dispatches: work
-    # posted before an I/O event happened (an async_write, then a request the
-    # client sends after it) runs before that event's callback.  Once the
-    # poller is DONE, the producer that sees it drops what it appended (the
-    # same append-then-test order: no item is left unaccounted).
-
+    # -- the read buffer -----------------------------------------------------------
     def _view(self, n: int) -> memoryview:
         """The read buffer's first ``n`` bytes as a view, made once per length
         below _VIEW_CACHE (IOHandle.read hands a cached one out itself), and
@@ -1699,6 +1692,22 @@ class _Poller:
             pass
         v = self._long_view = self._rview[:n]
         return v
+
+    # -- cross-thread inbox -------------------------------------------------------
+    # No lost wake-up (the Go original can lose one): producers append, *then* test
+    # the flag; the consumer clears the flag *before* it drains the inbox.  An
+    # item appended after the clear sees the flag down and wakes us; one
+    # appended before it is drained by the pass that follows.  The flag is
+    # also cleared right after every read of the waker, because the invariant
+    # is "no waker read between the last clear and a blocking poll()": with
+    # clear -> a producer's wake -> a read that eats it -> poll(), the flag
+    # would stay up with nothing to wake us, and every later post would skip
+    # the waker and sleep in the inbox.
+    # The loop drains right after poll() returns, before it dispatches: work
+    # posted before an I/O event happened (an async_write, then a request the
+    # client sends after it) runs before that event's callback.  Once the
+    # poller is DONE, the producer that sees it drops what it appended (the
+    # same append-then-test order: no item is left unaccounted).
 
     def _post(self, fn: Callable, *args: Any) -> None:
         """Queue ``fn(*args)`` for this poller's thread; any thread, and signal handlers."""
@@ -1953,7 +1962,7 @@ class _Poller:
         try:
             # fast path: the usual registration (EV_IN on a fresh handler whose
             # class keeps IOHandle._update) without _update's frame, the mask
-            # published first as there (see read() for the gain).
+            # published first as there (see _input_ended for the gain).
             if events == EV_IN and type(h)._update is IOHandle._update and \
                     not (h._wq or h._eof or h._paused or h._state):
                 h._mask = EV_IN
@@ -1996,7 +2005,7 @@ class _Poller:
                     pass
             except OSError:                 # (BlockingIOError: drained)
                 pass
-            what = "a signal arrived (wakeup fd): its handler runs next"
+            what = "a signal arrived (wakeup fd): its Python handler has run, or runs now"
         elif any(h.fd == fd for h in self._closing):
             what = "no handler any more (closed earlier in this batch): dropped"
         else:
@@ -2143,7 +2152,8 @@ class _Poller:
                     # Reading only, the usual state: whatever the kernel reports
                     # (IN, RDHUP, HUP, ERR) means "go and read": bytes that came
                     # before a FIN or a reset are delivered first.  The general
-                    # rules below give the same answer.
+                    # rules below (after "the general rules") give the same
+                    # answer; trace and the watchdog (obs) take the plain calls.
                     # fast path: one int compare instead of the bit tests below:
                     # 9 % of an echo's instructions, 3.8 % of an accept's
                     # (each gain: bench/icount.py, CPython 3.11, this path removed).
@@ -2176,6 +2186,7 @@ class _Poller:
                         if not keep and (keep is False or keep is None and h._eof):   # _closes
                             h.close()
                         continue
+                    # -- the general rules (every mask; EV_ET, queued writes) --
                     # Readable (or hung up) while reading: read first -- the bytes
                     # that came before a FIN or a reset are delivered before a
                     # flush can fail on that reset.  Then writable: a connect
@@ -2963,15 +2974,8 @@ class Acceptor(IOHandle):
             # 8.1 % of an accept's instructions (against a socket object per
             # connection, as above).
             set_blocking(fd, False)
-            # fast path: _new_handler(factory, self) written out: its frame is
-            # 1.2 % of an accept's instructions -- under the 2 % bar, kept so that
-            # the accept scenario stays inside its 3 % budget (see bench/README.md).
-            try:
-                h = factory()
-                if not isinstance(h, IOHandle):
-                    raise TypeError("factory returned %r, not an IOHandle" % (h,))
-            except Exception:
-                _log.exception("%s: handler factory failed", _safe_repr(self))
+            h = _new_handler(factory, self)
+            if h is None:
                 os.close(fd)
                 continue
             h._sock = _BARE
@@ -3082,7 +3086,7 @@ class Acceptor(IOHandle):
 # internal _Connecting handler on poller[fd % N].  Exactly one of on_open or
 # on_connect_fail(err) follows, on that poller's thread: writable + SO_ERROR
 # == 0 is success; a SO_ERROR, a hang-up or the timer is failure.  A refused
-# connect reports IN|OUT|ERR|HUP at once, which the OUT-first dispatch routes
+# connect reports IN|OUT|ERR|HUP at once, which the dispatch (a handler not reading) routes
 # to on_write, where SO_ERROR tells the reason; ERR/HUP without OUT (or an
 # exception) closes the _Connecting, and its on_close reports the failure.
 # The outcome is always delivered from the poller's inbox or loop, never from
