@@ -234,7 +234,7 @@ def recv_all(sock, timeout=WAIT):
 
 
 class Echo(goev.IOHandle):
-    """The echo handler of the README."""
+    """The Go-shaped echo handler: on_read does its own read (DataEcho is the on_data one)."""
 
     def on_read(self):
         data = self.read()
@@ -772,7 +772,7 @@ class Echo(goev.IOHandle):
             return True
         self.write(d)
         return bool(d)
-'''    # the README's echo handler, for the child scripts below
+'''    # an echo handler (on_read), for the trace-mode child scripts
 
 
 def _stderr_file():
