@@ -5098,6 +5098,346 @@ def test_example_connect_pool_no_server(backend):
 
 
 # =============================================================================
+# Datagrams: UDP and unix datagram sockets (DatagramHandle)
+# =============================================================================
+
+class DgramEcho(goev.DatagramHandle):
+    """Sends every datagram back to where it came from."""
+
+    def on_datagram(self, data, addr):
+        self.sendto(data, addr)
+
+
+class DgramProbe(goev.DatagramHandle):
+    """Records datagrams (as bytes), errors and the size of each read batch."""
+
+    def __init__(self):
+        self.got = []               # (bytes, addr); appended on the poller, read by the test
+        self.errors = []            # (OSError, addr)
+        self.batches = []
+
+    def on_datagram(self, data, addr):
+        self.got.append((bytes(data), addr))
+
+    def on_error(self, err, addr):
+        super().on_error(err, addr)
+        self.errors.append((err, addr))
+
+    def on_read(self):
+        before = len(self.got)
+        keep = super().on_read()
+        self.batches.append(len(self.got) - before)
+        return keep
+
+
+def _udp_client(family=socket.AF_INET):
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.settimeout(WAIT)
+    return s
+
+
+def test_udp_echo_every_size_from_1_byte_to_the_ipv4_maximum(make_reactor):
+    r = make_reactor()
+    e = DgramEcho().bind(r, "127.0.0.1:0")
+    r.start()
+    c = _udp_client()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    try:
+        for n in (1, 2, 100, 1472, 1473, 8192, 65000, 65507):
+            payload = os.urandom(n)
+            c.sendto(payload, e.address)
+            data, addr = c.recvfrom(70000)
+            assert data == payload and addr == e.address
+    finally:
+        c.close()
+    assert e.truncated_datagrams == 0 and e.dropped_datagrams == 0 and not e.closed
+
+
+def test_udp_datagram_larger_than_the_read_buffer_is_counted_never_delivered_cut(make_reactor):
+    r = make_reactor(read_buffer_size=1024)
+    h = DgramProbe().bind(r, "127.0.0.1:0")
+    r.start()
+    c = _udp_client()
+    try:
+        c.sendto(b"a" * 2000, h.address)        # cut: counted, skipped
+        c.sendto(b"b" * 1024, h.address)        # exactly the buffer: whole (Linux: MSG_TRUNC)
+        c.sendto(b"c" * 10, h.address)
+        wait_until(lambda: len(h.got) >= 2 and h.got[-1][0] == b"c" * 10, what="the small datagram")
+    finally:
+        c.close()
+    assert h.truncated_datagrams == 1
+    assert [d for d, _ in h.got] == [b"b" * 1024, b"c" * 10]
+    assert not h.closed
+
+
+def test_udp_connected_client_gets_icmp_refused_as_an_error_and_stays_open(make_reactor):
+    r = make_reactor()
+    dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dead.bind(("127.0.0.1", 0))
+    gone = dead.getsockname()
+    dead.close()                                 # nobody listens there any more
+    h = DgramProbe().connect(r, gone)
+    assert h.peer == gone
+    r.start()
+    h.sendto(b"anyone?")
+    wait_until(lambda: h.errors, what="ECONNREFUSED in on_error")
+    err, addr = h.errors[0]
+    assert isinstance(err, ConnectionRefusedError) and addr is None
+    assert h.error is err and not h.closed
+    h.sendto(b"still there?")                    # the error was news, not an end
+    wait_until(lambda: len(h.errors) >= 2, what="a second ECONNREFUSED")
+    assert not h.closed and h.fd >= 0
+
+
+def test_udp_emsgsize_reaches_on_error_with_the_destination(make_reactor):
+    r = make_reactor()
+    h = DgramProbe().bind(r, "127.0.0.1:0")
+    h.sendto(b"x" * 65508, ("127.0.0.1", 9))     # over the IPv4 maximum (before start: direct)
+    assert len(h.errors) == 1
+    err, addr = h.errors[0]
+    assert err.errno == errno.EMSGSIZE and addr == ("127.0.0.1", 9)
+    assert not h.closed
+
+
+def test_udp_flood_is_read_in_bounded_batches_and_a_tcp_echo_on_the_same_poller_keeps_working(make_reactor):
+    r = make_reactor()
+    sink = DgramProbe().bind(r, "127.0.0.1:0", rcvbuf=1 << 20)
+    a = goev.Acceptor(r, "127.0.0.1:0", DataEcho)
+    r.start()
+    stop = threading.Event()
+    sent = [0]
+
+    def blast():
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            while not stop.is_set():
+                for _ in range(100):
+                    s.sendto(b"x" * 32, sink.address)
+                sent[0] += 100
+        finally:
+            s.close()
+    blasters = [threading.Thread(target=blast) for _ in range(2)]
+    for t in blasters:
+        t.start()
+    try:
+        wait_until(lambda: len(sink.got) > 1000, what="the flood to arrive")
+        with socket.create_connection(a.address, timeout=WAIT) as c:
+            for i in range(50):                  # each round trip while the flood goes on
+                c.sendall(b"ping %d\n" % i)
+                assert recv_exact(c, len(b"ping %d\n" % i)) == b"ping %d\n" % i
+    finally:
+        stop.set()
+        for t in blasters:
+            t.join(WAIT)
+    assert max(sink.batches) <= goev._DGRAM_BATCH
+    assert not sink.closed
+
+
+def test_datagram_send_queue_keeps_order_and_drops_beyond_its_limit(make_reactor, tmp_path):
+    # A unix datagram receiver that does not read makes the sender's kernel say
+    # EAGAIN (UDP on loopback would drop at the receiver instead).
+    path = str(tmp_path / "rx.sock")
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(path)
+    rx.settimeout(WAIT)
+    r = make_reactor()
+    h = DgramProbe().connect(r, "unix:" + path)
+    h.queue_limit = 50 * 1000
+    r.start()
+    n = 3000
+    done = threading.Event()
+
+    def burst():                                 # on the poller: nothing drains in between
+        for i in range(n):
+            h.sendto(b"%08d" % i + bytes(992))
+        done.set()
+    r.post_to(h, burst)
+    assert done.wait(WAIT)
+    wait_until(lambda: h.dropped_datagrams > 0, what="drops")
+    assert 0 < h.pending_write_bytes <= 50 * 1000
+    got = []
+    try:
+        while len(got) + h.dropped_datagrams < n:
+            got.append(int(rx.recv(2000)[:8]))
+    finally:
+        rx.close()
+    assert got == list(range(len(got)))          # in order, none lost but the counted drops
+    assert len(got) + h.dropped_datagrams == n
+    wait_until(lambda: h.pending_write_bytes == 0, what="the queue to empty")
+    assert not h.errors and not h.closed
+
+
+def test_udp_sendto_from_another_thread_keeps_call_order(make_reactor, tmp_path):
+    path = str(tmp_path / "rx.sock")
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(path)
+    rx.settimeout(WAIT)
+    r = make_reactor(3)
+    h = DgramProbe().connect(r, "unix:" + path)
+    h.queue_limit = 1 << 20
+    r.start()
+    n = 2000
+    got = []
+
+    def receive():
+        while len(got) < n:
+            got.append(int(rx.recv(100)))
+    t = threading.Thread(target=receive)
+    t.start()
+    try:
+        for i in range(n):
+            if i % 100 == 50:                    # some from the poller itself, in between
+                r.post_to(h, h.sendto, b"%d" % i)
+            else:
+                h.sendto(b"%d" % i)              # from this thread: posted, FIFO
+        t.join(WAIT)
+    finally:
+        rx.close()
+    assert got == list(range(n))
+    assert h.dropped_datagrams == 0
+
+
+def test_udp_sendto_after_the_reactor_stopped_is_dropped_and_counted(make_reactor):
+    r = make_reactor()
+    h = DgramProbe().bind(r, "127.0.0.1:0")
+    r.start()
+    r.stop(timeout=WAIT)
+    h.sendto(b"late")
+    h.sendto(b"later", ("127.0.0.1", 9))
+    assert h.dropped_datagrams == 2 and h.closed
+
+
+def test_udp_ipv6_echo(make_reactor):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    r = make_reactor()
+    try:
+        e = DgramEcho().bind(r, "[::1]:0")
+    except OSError as err:
+        pytest.skip("no IPv6 loopback: %s" % err)
+    r.start()
+    c = _udp_client(socket.AF_INET6)
+    try:
+        c.sendto(b"six", e.address)
+        assert c.recvfrom(100)[0] == b"six"
+    finally:
+        c.close()
+    assert len(e.address) == 4
+
+
+@pytest.mark.parametrize("kind", ["path", "abstract"])
+def test_unix_datagram_echo_with_a_goev_client(make_reactor, tmp_path, kind):
+    addr = "unix:" + (str(tmp_path / "dg.sock") if kind == "path" else "@goev-test-dg-%d" % os.getpid())
+    r = make_reactor()
+    e = DgramEcho().bind(r, addr)
+    c = DgramProbe().connect(r, addr)            # autobound: the server can answer
+    r.start()
+    c.sendto(b"hello")
+    wait_until(lambda: c.got, what="the echo")
+    assert c.got[0][0] == b"hello"
+    r.stop(timeout=WAIT)
+    if kind == "path":
+        assert not os.path.exists(addr[5:])      # unlinked on close
+    else:
+        assert e.address is None
+
+
+def test_unix_datagram_bind_refuses_a_live_path_and_replaces_a_stale_one(make_reactor, tmp_path):
+    path = str(tmp_path / "dg.sock")
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    live.bind(path)
+    r = make_reactor()
+    try:
+        with pytest.raises(OSError) as info:
+            DgramEcho().bind(r, "unix:" + path)
+        assert info.value.errno == errno.EADDRINUSE
+    finally:
+        live.close()                             # now stale: replaced
+    e = DgramEcho().bind(r, "unix:" + path)
+    assert e.address == path
+
+
+def test_udp_reuse_port_binds_twice_and_a_busy_port_raises_leaving_no_fd(make_reactor):
+    r = make_reactor()
+    one = DgramEcho().bind(r, "127.0.0.1:0", reuse_port=True)
+    two = DgramEcho().bind(r, one.address, reuse_port=True)
+    assert two.address == one.address
+    plain = DgramEcho().bind(r, "127.0.0.1:0")
+    lone = DgramEcho()
+    with pytest.raises(OSError) as info:
+        lone.bind(r, plain.address)
+    assert info.value.errno == errno.EADDRINUSE
+    assert lone.fd == -1                         # (the hygiene fixture checks no fd leaked)
+
+
+def test_udp_broadcast_option_and_multicast_membership(make_reactor):
+    r = make_reactor()
+    b = DgramEcho().bind(r, "127.0.0.1:0", broadcast=True)
+    assert b.sock.getsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST) == 1
+    m = DgramProbe().bind(r, ":0")
+    group = "239.255.77.%d" % (os.getpid() % 200 + 1)
+    try:
+        m.join_group(group, "127.0.0.1")
+    except OSError as err:
+        pytest.skip("no multicast on loopback here: %s" % err)
+    r.start()
+    c = _udp_client()
+    try:
+        c.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+        c.sendto(b"to the group", (group, m.address[1]))
+        wait_until(lambda: m.got, what="the multicast datagram")
+    finally:
+        c.close()
+    assert m.got[0][0] == b"to the group"
+    m.leave_group(group, "127.0.0.1")
+
+
+def test_datagram_handler_needs_a_bind_before_use_and_refuses_a_second_bind(make_reactor):
+    r = make_reactor()
+    h = DgramProbe()
+    with pytest.raises(RuntimeError, match="not bound"):
+        h.sendto(b"x", ("127.0.0.1", 9))
+    h.bind(r, "127.0.0.1:0")
+    with pytest.raises(ValueError, match="already bound"):
+        h.bind(r, "127.0.0.1:0")
+    with pytest.raises(TypeError):
+        DgramProbe().bind(object(), "127.0.0.1:0")
+
+
+def test_udp_close_from_another_thread_and_on_close_runs_once(make_reactor):
+    closes = []
+
+    class H(DgramProbe):
+        def on_close(self):
+            closes.append(threading.current_thread().name)
+            super().on_close()
+    r = make_reactor()
+    h = H().bind(r, "127.0.0.1:0")
+    r.start()
+    h.close()
+    wait_until(lambda: closes, what="on_close")
+    assert h.closed and h.fd == -1 and len(closes) == 1
+    assert closes[0].startswith("goev-poller")
+
+
+def test_udp_trace_shows_recvfrom_and_sendto(make_reactor, capfd):
+    r = make_reactor(trace=True)
+    e = DgramEcho().bind(r, "127.0.0.1:0")
+    r.start()
+    c = _udp_client()
+    try:
+        c.sendto(b"trace", e.address)
+        assert c.recvfrom(100)[0] == b"trace"
+        port = c.getsockname()[1]
+    finally:
+        c.close()
+    r.stop(timeout=WAIT)
+    err = capfd.readouterr().err
+    assert "recvfrom -> 5 bytes from ('127.0.0.1', %d)" % port in err
+    assert "sendto(('127.0.0.1', %d)) 5 bytes -> 5 sent" % port in err
+
+
+# =============================================================================
 # serve(), REUSEPORT, python -m goev http, graceful shutdown, trace mode (issues 6, 9)
 # =============================================================================
 
