@@ -5313,6 +5313,50 @@ class _EchoHandler(IOHandle):
         self.write(data)
 
 
+class _DatagramEcho(DatagramHandle):
+    """``echo --udp``: every datagram goes back to its sender."""
+    __slots__ = ()
+
+    def on_datagram(self, data: memoryview, addr: Any) -> None:
+        self.sendto(data, addr)
+
+
+def _udp_echo(args: Any, sp: Any) -> int:
+    """``python -m goev echo --udp ADDR``: one process, a datagram socket per
+    poller sharing the port (SO_REUSEPORT: the kernel spreads senders over
+    them; a unix address gets one socket).  Stops on SIGINT/SIGTERM (run())."""
+    for opt, bad in (("--workers", args.workers != 1), ("--tls-cert", args.tls_cert),
+                     ("--proxy-protocol", args.proxy_protocol)):
+        if bad:
+            sp.error("%s is for TCP; with --udp use --pollers N for more sockets" % opt)
+    if args.addr is None:
+        sp.error("ADDR is needed with --udp, e.g. 127.0.0.1:5353")
+    try:
+        r = Reactor(args.pollers, backend=args.backend, trace=args.trace,
+                    slow_callback_ms=args.slow_callback_ms)
+    except (TypeError, ValueError) as e:
+        print("goev: %s" % e, file=sys.stderr)
+        return 2
+    with r:
+        try:
+            first = _DatagramEcho().bind(r, args.addr, reuse_port=args.pollers > 1, poller=0)
+            address = first.address
+            if first.sock.family != socket.AF_UNIX:
+                for i in range(1, args.pollers):
+                    _DatagramEcho().bind(r, address[:2], reuse_port=True, poller=i)
+        except (TypeError, ValueError) as e:
+            print("goev: %s" % e, file=sys.stderr)
+            return 2
+        except OSError as e:
+            print("goev: cannot bind %s: %s" % (args.addr, e), file=sys.stderr)
+            return 2
+        print("goev %s: echo (UDP) server on %s (%d poller%s, %s)" % (
+            __version__, address, args.pollers, "s" * (args.pollers > 1), r.pollers[0]._backend.name),
+            file=sys.stderr, flush=True)
+        r.run()
+    return 0
+
+
 _HTTP_MAX_HEADER = 8192       # a request head larger than this is refused (400)
 _HTTP_MAX_DIGITS = 18         # Content-Length digits (int() refuses above 4300; 10**18 bytes is enough)
 _HTTP_MAX_CHUNK_LINE = 4096   # a chunk-size line with its extensions
@@ -5748,7 +5792,7 @@ def _main(argv: Optional[list] = None) -> int:           # pragma: no cover - ru
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.required = True
     subs = {}
-    for name, helptext in (("echo", "a TCP echo server"),
+    for name, helptext in (("echo", "an echo server (TCP, or UDP with --udp)"),
                            ("http", 'a keep-alive HTTP/1.1 "Hello, World!" server (pipelining)')):
         sp = subs[name] = sub.add_parser(name, help=helptext, description="Run %s on ADDR." % helptext)
         sp.add_argument("addr", metavar="ADDR", nargs="?",
@@ -5769,6 +5813,10 @@ def _main(argv: Optional[list] = None) -> int:           # pragma: no cover - ru
                         type=str.upper, metavar="LEVEL",
                         help='the "goev" logger\'s level: DEBUG (also each rejected PROXY header and failed '
                              'TLS handshake), INFO (also reloads), WARNING (default), ERROR')
+        if name == "echo":
+            sp.add_argument("--udp", action="store_true",
+                            help="echo datagrams (UDP, or a unix datagram socket) instead of a stream; "
+                                 "--pollers N binds N sockets to the port (SO_REUSEPORT)")
         if name == "http":
             sp.add_argument("--header-timeout", type=float, default=_HTTP_TIMEOUTS[0], metavar="SECONDS",
                             help="close a connection whose request head is not complete within this "
@@ -5784,7 +5832,7 @@ def _main(argv: Optional[list] = None) -> int:           # pragma: no cover - ru
     sp = subs[args.cmd]
     if extra:
         sp.error("unrecognized arguments: %s" % " ".join(extra))
-    if args.addr is None and os.environ.get("LISTEN_PID", "") != str(os.getpid()):
+    if args.addr is None and not getattr(args, "udp", False) and os.environ.get("LISTEN_PID", "") != str(os.getpid()):
         sp.error("ADDR is needed, e.g. 127.0.0.1:8080 (this machine) or :8080 (every IPv4 interface); "
                  "it may be left out only under systemd socket activation (LISTEN_FDS)")
     log = logging.getLogger("goev")
@@ -5793,6 +5841,8 @@ def _main(argv: Optional[list] = None) -> int:           # pragma: no cover - ru
         handler = logging.StreamHandler()      # stderr; the pid tells workers apart
         handler.setFormatter(logging.Formatter("goev[%(process)d] %(levelname)s: %(message)s"))
         log.addHandler(handler)
+    if getattr(args, "udp", False):
+        return _udp_echo(args, sp)
     factory = _EchoHandler if args.cmd == "echo" else _HttpHandler
     setup: Optional[Callable[[Reactor], None]] = None
     if args.cmd == "http":

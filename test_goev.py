@@ -2316,6 +2316,67 @@ def test_cli_refuses_an_absurd_poller_count_up_front():
                             "at most 8", "RLIMIT_NOFILE")
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_cli_udp_echo_serves_on_every_poller_and_stops_on_signal(backend, sig):
+    """`python -m goev echo --udp 127.0.0.1:0 --pollers 2` echoes datagrams
+    (one socket per poller on the port) and exits 0 on SIGINT/SIGTERM."""
+    p = spawn_py(["-m", "goev", "echo", "--udp", "127.0.0.1:0", "--backend", backend, "--pollers", "2"])
+    try:
+        err = _Pipe(p.stderr)
+        banner = err.readline()
+        assert "echo (UDP) server on ('127.0.0.1', " in banner and backend in banner, banner
+        port = int(re.search(r"'127\.0\.0\.1', (\d+)\)", banner).group(1))
+        clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(8)]
+        try:
+            for i, c in enumerate(clients):
+                c.settimeout(WAIT)
+                msg = b"%d:" % i + os.urandom(1000 * i + 1)
+                c.sendto(msg, ("127.0.0.1", port))
+                assert c.recvfrom(70000) == (msg, ("127.0.0.1", port))
+        finally:
+            for c in clients:
+                c.close()
+        p.send_signal(sig)
+        assert p.wait(WAIT) == 0
+        assert "Traceback" not in err.read_rest()
+    finally:
+        stop_child(p, signal.SIGKILL)
+
+
+def test_cli_udp_echo_trace_shows_recvfrom_and_sendto():
+    """--trace prints each datagram read (size and sender) and each send."""
+    p = spawn_py(["-m", "goev", "echo", "--udp", "127.0.0.1:0", "--trace"])
+    try:
+        err = _Pipe(p.stderr)
+        line = err.readline()
+        while "echo (UDP) server on" not in line:
+            line = err.readline()
+            assert line, "no banner"
+        port = int(re.search(r"'127\.0\.0\.1', (\d+)\)", line).group(1))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+            c.settimeout(WAIT)
+            c.sendto(b"ping", ("127.0.0.1", port))
+            assert c.recvfrom(100)[0] == b"ping"
+            me = ("127.0.0.1", c.getsockname()[1])
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(WAIT) == 0
+        rest = err.read_rest()
+        assert "recvfrom -> 4 bytes from %r" % (me,) in rest, rest
+        assert "sendto(%r) 4 bytes -> 4 sent" % (me,) in rest, rest
+    finally:
+        stop_child(p, signal.SIGKILL)
+
+
+def test_cli_udp_port_in_use_and_tcp_only_options():
+    """A UDP port in use, and --workers/--tls-cert with --udp: exit 2, no traceback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        _assert_one_line_exit_2(run_py(["-m", "goev", "echo", "--udp", "127.0.0.1:%d" % port]), str(port))
+    res = run_py(["-m", "goev", "echo", "--udp", "127.0.0.1:0", "--workers", "2"])
+    assert res.returncode == 2 and "--workers is for TCP" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_reactor_refuses_an_absurd_poller_count():
     """Reactor(pollers=N) is bounded by the fd limit and the cores; the
     ValueError says which, and nothing is left open."""
@@ -6919,7 +6980,7 @@ def test_haproxy_in_front_of_acceptor(make_reactor, backend, haproxy, mode):
         with socket.create_connection(("127.0.0.1", front)) as c:
             c.sendall(b"through haproxy")
             assert recv_exact(c, 15) == b"through haproxy"
-            me = c.getsockname()
+            me = ("127.0.0.1", c.getsockname()[1])
         # (the order of on_open calls is not ours to rely on: wait_port's probe
         # connection may reach the server after this one)
         wait_until(lambda: any(o[0] == me for o in rec.opened), what="on_open with peer %r" % (me,))
@@ -6947,7 +7008,7 @@ def test_haproxy_in_front_of_cli_echo(backend, haproxy, mode):
         with socket.create_connection(("127.0.0.1", front)) as c:
             c.sendall(b"hello")
             assert recv_exact(c, 5) == b"hello"
-            me = c.getsockname()
+            me = ("127.0.0.1", c.getsockname()[1])
         want = "PROXY v%d header: client %r via" % (2 if mode.endswith("v2") else 1, me)
 
         def seen():
