@@ -9689,6 +9689,7 @@ LISTENERS = {
     "echo.py": ["{}"], "http_hello.py": ["{}"], "reuseport.py": ["{}"], "async_http.py": ["{}"],
     "kv.py": ["{}"], "websocket.py": ["{}"], "tcp_proxy.py": ["{}", "127.0.0.1:1"],
     "download.py": ["{}", os.path.join(HERE, "README.md")], "threads_baseline.py": ["echo", "{}"],
+    "dns.py": ["{}"],
 }
 
 
@@ -9754,6 +9755,10 @@ BAD_EXAMPLE_ARGS = [
     (["threads_baseline.py", "echo", "8080"], "expected HOST:PORT"),
     (["threads_baseline.py", "ftp", "127.0.0.1:0"], "invalid choice: 'ftp'"),
     (["timers.py", "now"], "unrecognized arguments: now"),
+    (["dns.py", "8080"], "has no port"),
+    (["dns.py", "--udp-size", "100", "127.0.0.1:0"], "--udp-size must be 512..65535"),
+    (["dns.py", "--zone", "/nonexistent/zone", "127.0.0.1:0"], "No such file"),
+    (["dns.py", "--zone", "README.md", "127.0.0.1:0"], "this server knows A, AAAA and TXT"),
 ]
 
 
@@ -9810,6 +9815,122 @@ def test_examples_show_command_lines_with_python3():
             text = f.read()
         assert not re.search(r"\bpython (?:examples/|-m )", text), name
 
+
+
+# =============================================================================
+# examples/dns.py: an authoritative DNS server on DatagramHandle
+# =============================================================================
+
+def dns_name(name):
+    return b"".join(bytes([len(p)]) + p.encode() for p in name.split(".") if p) + b"\0"
+
+
+def dns_query(name, qtype=1, qid=0x1234, edns=None, version=0):
+    """A query for ``name``; ``edns``: the payload size of an OPT record to add."""
+    q = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 1 if edns else 0) + dns_name(name) + struct.pack("!HH", qtype, 1)
+    if edns:
+        q += b"\0" + struct.pack("!HHIH", 41, edns, version << 16, 0)
+    return q
+
+
+def dns_exchange(port, packet, timeout=WAIT):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.sendto(packet, ("127.0.0.1", port))
+        return s.recv(65535)
+
+
+def dig(port, *args):
+    return run_tool([need_tool("dig"), "@127.0.0.1", "-p", str(port), "+tries=1", "+time=%d" % WAIT]
+                    + list(args)).decode()
+
+
+def test_dns_example_answers_dig(backend):
+    """dig's A, AAAA and TXT questions get the built-in zone's records; an
+    unknown name is NXDOMAIN; over 512 bytes without EDNS the answer is
+    truncated (TC) and dig gets it over TCP; with EDNS the server offers its
+    payload size and answers in full over UDP."""
+    with Example("dns.py", backend) as ex:
+        assert dig(ex.port, "goev.test", "A", "+short") == "127.0.0.1\n"
+        assert dig(ex.port, "GOEV.test", "AAAA", "+short") == "::1\n"
+        assert dig(ex.port, "goev.test", "TXT", "+short") == '"goev.py: a reactor in one file"\n'
+        out = dig(ex.port, "nothing.goev.test", "A")
+        assert "status: NXDOMAIN" in out and "flags: qr aa rd;" in out, out
+        out = dig(ex.port, "big.goev.test", "TXT", "+noedns", "+ignore")
+        assert "flags: qr aa tc rd;" in out and "ANSWER: 0" in out, out
+        out = dig(ex.port, "big.goev.test", "TXT", "+noedns")
+        assert "Truncated, retrying in TCP mode" in out and "ANSWER: 10," in out, out
+        out = dig(ex.port, "big.goev.test", "TXT")
+        assert "udp: 1232" in out and "ANSWER: 10," in out and "Truncated" not in out, out
+
+
+def test_dns_example_wire_format_details(backend):
+    """Answers point at the question's name (compression), the question comes
+    back as sent, EDNS version 1 gets BADVERS, and a name without records of the
+    asked type is an empty NOERROR."""
+    with Example("dns.py", backend) as ex:
+        reply = dns_exchange(ex.port, dns_query("GoEv.TEST", 1, qid=7))
+        qid, flags, qd, an, ns, ar = struct.unpack("!HHHHHH", reply[:12])
+        assert (qid, flags & 0x8F, qd, an, ns, ar) == (7, 0, 1, 1, 0, 0)
+        assert flags & 0x8400 == 0x8400                       # QR, AA
+        question = dns_name("GoEv.TEST") + struct.pack("!HH", 1, 1)
+        assert reply[12:12 + len(question)] == question
+        assert reply[12 + len(question):] == b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 300, 4) + bytes([127, 0, 0, 1])
+        reply = dns_exchange(ex.port, dns_query("goev.test", 1, edns=4096, version=1))
+        assert reply[3] & 0xF == 0 and reply[-10:-8] == b"\x00\x29" and reply[-6] == 1   # OPT, BADVERS (16 >> 4)
+        reply = dns_exchange(ex.port, dns_query("goev.test", 15))                 # MX: none
+        assert reply[3] & 0xF == 0 and struct.unpack("!H", reply[6:8])[0] == 0
+
+
+MALFORMED_DNS = {
+    "compression loop": struct.pack("!HHHHHH", 1, 0, 1, 0, 0, 0) + b"\xc0\x0c" + b"\0\1\0\1",
+    "pointer forwards": struct.pack("!HHHHHH", 1, 0, 1, 0, 0, 0) + b"\xc0\x20" + b"\0\1\0\1" + bytes(30),
+    "reserved label type": struct.pack("!HHHHHH", 1, 0, 1, 0, 0, 0) + b"\x44goev\0\0\1\0\1",
+    "no question": struct.pack("!HHHHHH", 1, 0, 0, 0, 0, 0),
+    "two questions": struct.pack("!HHHHHH", 1, 0, 2, 0, 0, 0) + (dns_name("goev.test") + b"\0\1\0\1") * 2,
+    "name over 255 bytes": struct.pack("!HHHHHH", 1, 0, 1, 0, 0, 0) + (b"\x3f" + b"a" * 63) * 4 + b"\0\0\1\0\1",
+    "question cut short": struct.pack("!HHHHHH", 1, 0, 1, 0, 0, 0) + dns_name("goev.test") + b"\0",
+    "label past the end": struct.pack("!HHHHHH", 1, 0, 1, 0, 0, 0) + b"\x20goev",
+    "additional record cut": dns_query("goev.test") [:-3],
+}
+
+
+def test_dns_example_malformed_queries_get_formerr_and_short_packets_are_dropped(backend):
+    """Each malformed query gets FORMERR with its ID; a packet shorter than the
+    header (no ID to answer) and a response are dropped, which the next real
+    query's answer shows (it is the first thing that comes back); the server
+    prints no traceback (checked at its exit)."""
+    with Example("dns.py", backend) as ex:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(WAIT)
+            for i, (what, packet) in enumerate(sorted(MALFORMED_DNS.items())):
+                packet = struct.pack("!H", 100 + i) + packet[2:]
+                s.sendto(packet, ("127.0.0.1", ex.port))
+                reply = s.recv(65535)
+                assert reply[:2] == struct.pack("!H", 100 + i), what
+                assert reply[2] & 0x80 and reply[3] & 0xF == 1, (what, reply)       # QR, FORMERR
+            s.sendto(b"\x12\x34\x01", ("127.0.0.1", ex.port))                      # 3 bytes: dropped
+            s.sendto(b"", ("127.0.0.1", ex.port))                                  # empty: dropped
+            s.sendto(dns_query("goev.test", qid=9)[:2] + b"\x81\x00" + dns_query("goev.test")[4:],
+                     ("127.0.0.1", ex.port))                                       # a response: dropped
+            s.sendto(dns_query("goev.test", qid=42), ("127.0.0.1", ex.port))
+            assert s.recv(65535)[:2] == struct.pack("!H", 42)
+
+
+def test_dns_example_serves_a_zone_file(backend, tmp_path):
+    """--zone FILE: NAME [TTL] TYPE VALUE lines, comments, several strings in a TXT."""
+    zone = tmp_path / "zone.txt"
+    zone.write_text("# a test zone\n"
+                    "a.example 60 A 10.1.2.3\n"
+                    "a.example AAAA 2001:db8::1   # trailing comment\n"
+                    'a.example TXT "one string" "two"\n')
+    with Example("dns.py", backend, "--zone", str(zone)) as ex:
+        assert dig(ex.port, "a.example", "A", "+short") == "10.1.2.3\n"
+        assert dig(ex.port, "a.example", "AAAA", "+short") == "2001:db8::1\n"
+        assert dig(ex.port, "a.example", "TXT", "+short") == '"one string" "two"\n'
+        out = dig(ex.port, "a.example", "A", "+noall", "+answer")
+        assert "\t60\tIN\tA\t10.1.2.3" in out, out
+        assert "NXDOMAIN" in dig(ex.port, "goev.test", "A")
 
 
 # =============================================================================
