@@ -3817,7 +3817,10 @@ class DatagramHandle(IOHandle):
     # -- closing --------------------------------------------------------------------
 
     def close(self) -> None:
-        """Send the queued datagrams, then close; idempotent; any thread."""
+        """Send the queued datagrams, then close; idempotent; any thread.  (An
+        error event that comes with a writable one while the queue is being
+        sent ends the flush: the loop aborts a closing handler then, and the
+        rest is counted in ``dropped_datagrams``.)"""
         if self._posted_if_elsewhere(self.close):
             return
         if self._state:
