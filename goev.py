@@ -78,13 +78,14 @@ Part I, the reactor -- complete on its own:
  8. ``Reactor``: N pollers, placement, start/stop, cross-thread posts
  9. ``Acceptor``: listening sockets and the accept pipeline
 10. ``Connector``: non-blocking connects
+11. ``DatagramHandle``: UDP and unix datagram sockets
 Part II, production extras (below the ``PART II`` banner):
-11. Trace mode: every step of the loop on stderr (``GOEV_TRACE=1``)
-12. TLS: ``ssl.SSLObject`` over memory BIOs, the handshake, the class swap
-13. The PROXY protocol: the client's address from a load balancer
-14. ``ConnectPool``: a pool of client connections
-15. ``serve()``: multi-process serving, supervised workers
-16. The command line: ``python -m goev echo|http ADDR``
+12. Trace mode: every step of the loop on stderr (``GOEV_TRACE=1``)
+13. TLS: ``ssl.SSLObject`` over memory BIOs, the handshake, the class swap
+14. The PROXY protocol: the client's address from a load balancer
+15. ``ConnectPool``: a pool of client connections
+16. ``serve()``: multi-process serving, supervised workers
+17. The command line: ``python -m goev echo|http ADDR``, ``echo --udp``
 
 Each name is defined before it is used, and Part I names nothing from Part
 II.  Durations are seconds unless the name ends in ``_ms``.  Linux uses
@@ -131,7 +132,7 @@ except ImportError:               # pragma: no cover - a Python built without Op
 __all__ = [                       # Part I's names; Part II adds its own
     "EV_IN", "EV_OUT", "EV_ET",
     "Reactor", "IOHandle", "Timer",
-    "Acceptor", "Connector", "parse_address",
+    "Acceptor", "Connector", "DatagramHandle", "parse_address",
 ]
 __version__ = "0.2.0"
 
@@ -161,6 +162,8 @@ DEFAULT_HIGH_WATER = 64 * 1024  # above this many queued bytes a handler stops r
 DEFAULT_LOW_WATER = 16 * 1024   # ... and resumes below this (asyncio's defaults)
 _ACCEPT_BATCH = 128             # accepts per readiness: bounded so one listener cannot starve I/O
 _ACCEPT_RETRY_MS = 100          # pause after EMFILE & co. before accepting again
+_DGRAM_BATCH = 64               # datagrams read per readiness: one busy socket cannot starve the rest
+_DGRAM_QUEUE = 256 * 1024       # bytes of datagrams queued when the kernel says EAGAIN; more are dropped
 _THREAD_BLOCKED_SIGNALS = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT",
                                                          "SIGUSR1", "SIGUSR2", "SIGCHLD") if hasattr(signal, n)}
 _INBOX_BATCH = 1024             # cross-thread items per loop pass: a flood cannot starve I/O
@@ -1388,7 +1391,7 @@ class IOHandle:
     @property
     def ssl_object(self) -> Any:
         """The ``ssl.SSLObject`` of a TLS connection (getpeercert(), version(),
-        cipher() ...), None for plaintext.  See section 12."""
+        cipher() ...), None for plaintext.  See section 13."""
         return None
 
     @property
@@ -1489,7 +1492,7 @@ class IOHandle:
 # so run() may be called again).
 
 # -- Hooks: where Part II attaches ----------------------------------------------------
-# Part I (sections 1-10) is a complete reactor; Part II adds production extras
+# Part I (sections 1-11) is a complete reactor; Part II adds production extras
 # without Part I naming any of them.  Every hook is declared here:
 #  * _EXTRAS, a registry Part II fills: "tracer" (trace mode: an _Observer
 #    subclass), "proxy" (Acceptor(proxy_protocol=True): an accept stage),
@@ -1524,7 +1527,11 @@ def _extra(name: str) -> Any:
 
 
 # Names of the hooks' internal callbacks as the user knows them (the watchdog's messages).
-_PUBLIC_NAMES = {"_fire_timer": "on_timeout", "_write_posted": "async_write", "_finish_close": "on_close"}
+_PUBLIC_NAMES = {"_fire_timer": "on_timeout", "_write_posted": "async_write", "_finish_close": "on_close",
+                 "_sendto_posted": "sendto"}
+# The posted sends whose data a stopped poller drops: function -> how to count
+# the drop on the handler (the bytes of an async write; one datagram, section 11).
+_POSTED_SENDS: dict = {IOHandle._write_posted: lambda h, args: setattr(h, "dropped_bytes", h.dropped_bytes + len(args[0]))}
 
 
 def _callback_name(fn: Any) -> str:
@@ -1727,7 +1734,8 @@ class _Poller:
 
     def _drop_inbox(self) -> None:
         """Drop queued work that will never run (the poller has stopped); the bytes
-        of dropped async writes are counted in their handler's ``dropped_bytes``.
+        of dropped async writes are counted in their handler's ``dropped_bytes``
+        (datagrams in ``dropped_datagrams``: see _POSTED_SENDS).
         Any thread; the lock serializes the counting among dropping threads."""
         inbox = self._inbox
         with _DROP_LOCK:
@@ -1736,8 +1744,9 @@ class _Poller:
                     fn, args = inbox.popleft()
                 except IndexError:
                     return
-                if getattr(fn, "__func__", None) is IOHandle._write_posted:
-                    fn.__self__.dropped_bytes += len(args[0])
+                count = _POSTED_SENDS.get(getattr(fn, "__func__", None))
+                if count is not None:
+                    count(fn.__self__, args)
 
     def _drain_inbox(self, limit: int = _INBOX_BATCH) -> None:
         """Run up to ``limit`` posted items, the oldest first (poller thread)."""
@@ -2746,15 +2755,18 @@ def _open_connected(h: IOHandle, sock: Any, peer: Any, prepare: Optional[Callabl
         _connect_failed(h, ConnectionAbortedError(errno.ECONNABORTED, "the handler could not take the socket"))
 
 
-def _unix_path_free(path: str) -> None:
-    """Remove a stale unix socket file at ``path``; anything else there is an error."""
+def _unix_path_free(path: str, kind: int = socket.SOCK_STREAM) -> None:
+    """Remove a stale unix socket file at ``path``; anything else there is an
+    error.  ``kind``: the type of socket that would be live there (a datagram
+    server's file is probed with a datagram socket: a stream connect to it fails
+    as if stale)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise FileExistsError(errno.EEXIST, "not a socket, refusing to replace", path)
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe = socket.socket(socket.AF_UNIX, kind)
     try:
         probe.connect(path)
     except ConnectionRefusedError:            # nobody listens: stale, replace it
@@ -2822,7 +2834,7 @@ class Acceptor(IOHandle):
     ``ssl=context`` (an ``ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)`` with its
     certificate loaded) serves TLS: on_open runs once the handshake is done;
     a handshake that fails or takes over ``ssl_handshake_timeout`` seconds is
-    closed and logged at DEBUG only (section 12).
+    closed and logged at DEBUG only (section 13).
 
     ``fd=N`` (with ``addr`` None) adopts an existing listening socket instead of
     binding one -- systemd socket activation, a parent process; see also
@@ -3401,6 +3413,462 @@ class Connector:
             c._fail(_oserror(err, str(c.addr)))
 
 
+# =============================================================================
+# 11. Datagrams: UDP and unix datagram sockets
+# =============================================================================
+# A DatagramHandle is an IOHandle whose socket carries datagrams: it owns its
+# socket (bound, or connected to one peer) and registers itself; nothing is
+# accepted.  Three rules differ from streams, and each has its reason:
+# - Reads come in bounded batches (_DGRAM_BATCH per readiness, like the accept
+#   batch): level-triggered epoll reports the socket again while datagrams
+#   remain, so a flooded socket shares the poller with everything else.  A
+#   datagram larger than the poller's buffer is counted and skipped, never
+#   delivered cut short: Linux's recv(MSG_TRUNC) returns the datagram's real
+#   length; elsewhere a datagram that fills the buffer counts as cut.
+# - A send the kernel refuses (EAGAIN) queues the whole datagram with its
+#   address in a queue of its own (the stream queue is gathered into one
+#   writev, which would merge datagrams), up to queue_limit bytes; beyond it a
+#   datagram is dropped and counted (``dropped_datagrams``), as the network
+#   itself would.
+# - An error is news, not an end.  ICMP "port unreachable" (ECONNREFUSED on a
+#   connected socket), EMSGSIZE, EHOSTUNREACH ... reach ``on_error`` and the
+#   socket stays open.  On a datagram socket an error event (EPOLLERR) is such
+#   a pending error, which the next recv returns; so the handler is always
+#   registered for EV_IN (see _update), and the loop's "abort on HUP/ERR when
+#   not reading" rule for streams never applies to it.
+# Cross-thread: sendto from another thread is posted to the owning poller
+# (FIFO, as async_write); close likewise.
+
+_RECV_TRUNC = socket.MSG_TRUNC if sys.platform.startswith("linux") else 0   # see above
+
+
+class DatagramHandle(IOHandle):
+    """A UDP (IPv4, IPv6) or unix datagram socket on a reactor.  Subclass it,
+    override ``on_datagram`` (and ``on_error``), then ``bind`` (a server) or
+    ``connect`` (a client); both register the handler and return it::
+
+        class Echo(goev.DatagramHandle):
+            def on_datagram(self, data, addr):
+                self.sendto(data, addr)
+
+        Echo().bind(reactor, "127.0.0.1:5353")
+
+    Callbacks run on the owning poller's thread.  ``on_open`` is not called
+    (bind and connect return the handler: set it up before or after).
+    Counters: ``dropped_datagrams`` (the send queue was full, or the handler
+    closed), ``truncated_datagrams`` (larger than the poller's read buffer:
+    skipped).  ``error``: the last error reported to ``on_error``.
+    ``queue_limit``: bytes of datagrams queued while the kernel refuses them
+    (default 256 KiB).  Level-triggered only (EV_ET is not used).
+    """
+    __slots__ = ("dropped_datagrams", "truncated_datagrams", "queue_limit", "_dq", "_dq_bytes",
+                 "_unix_path")
+    dropped_datagrams: int
+    truncated_datagrams: int
+    queue_limit: int
+    _dq: Optional[collections.deque]
+    _dq_bytes: int
+    _unix_path: Optional[str]
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "DatagramHandle":
+        self: Any = IOHandle.__new__(cls)
+        self.dropped_datagrams = self.truncated_datagrams = self._dq_bytes = 0
+        self.queue_limit = _DGRAM_QUEUE
+        self._dq = self._unix_path = None
+        return self
+
+    # -- opening --------------------------------------------------------------------
+
+    def bind(self, reactor: Reactor, addr: Union[str, tuple], *, reuse_addr: bool = False,
+             reuse_port: bool = False, broadcast: bool = False, rcvbuf: int = 0, sndbuf: int = 0,
+             poller: Optional[int] = None) -> "DatagramHandle":
+        """Bind to ``addr`` (goev's address forms: ``"127.0.0.1:5353"``,
+        ``"[::1]:5353"``, ``":5353"``, ``"unix:/path"``, ``"unix:@name"``; port 0
+        picks a free one, see ``address``) and register for reading.
+        ``reuse_port``: SO_REUSEPORT (several sockets on one port: the kernel
+        spreads datagrams by source address); ``broadcast``: SO_BROADCAST (may
+        send to broadcast addresses); ``rcvbuf``/``sndbuf``: socket buffer
+        sizes (0: the system's); ``poller=i`` pins the socket to poller i.
+        A unix path is unlinked on close (a stale one is replaced; one with a
+        live server is EADDRINUSE).  Returns self.  Raises TypeError/ValueError
+        for bad arguments, OSError (EADDRINUSE ...) if it cannot bind; then no
+        fd is left open."""
+        return self._open(reactor, addr, None, reuse_addr, reuse_port, broadcast, rcvbuf, sndbuf, poller)
+
+    def connect(self, reactor: Reactor, addr: Union[str, tuple], *, local: Union[str, tuple, None] = None,
+                broadcast: bool = False, rcvbuf: int = 0, sndbuf: int = 0,
+                poller: Optional[int] = None) -> "DatagramHandle":
+        """The client's mode: connect to ``addr`` (a datagram connect only sets
+        the default destination and filters what is received: it never waits),
+        optionally bound to ``local`` first, and register for reading.  Then
+        ``sendto(data)`` needs no address, ``peer`` is ``addr`` resolved, and
+        an ICMP error from the peer (nobody listens: ECONNREFUSED) reaches
+        ``on_error``.  A unix client without ``local`` gets an autobound
+        abstract name (Linux), so that the server can answer.  Returns self;
+        raises as ``bind``."""
+        return self._open(reactor, local, addr, False, False, broadcast, rcvbuf, sndbuf, poller)
+
+    def _open(self, reactor: Reactor, local: Any, remote: Any, reuse_addr: bool, reuse_port: bool,
+              broadcast: bool, rcvbuf: int, sndbuf: int, poller: Optional[int]) -> "DatagramHandle":
+        if not isinstance(reactor, Reactor):
+            raise TypeError("reactor must be a Reactor, got %r" % (reactor,))
+        if self.fd >= 0 or self._state != _OPEN:
+            raise ValueError("%s is already bound or connected (or closed): make a new handler"
+                             % _safe_repr(self))
+        _check_int("rcvbuf", rcvbuf, 0, _INT_MAX)
+        _check_int("sndbuf", sndbuf, 0, _INT_MAX)
+        to = parse_address(remote) if remote is not None else None
+        at = parse_address(local) if local is not None else None
+        family = (to or at or (0, None))[0]
+        if to is not None and at is not None and to[0] != at[0]:
+            raise ValueError("local address %r and remote %r are of different families" % (local, remote))
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        path = None
+        try:
+            sock.setblocking(False)
+            if reuse_addr:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if broadcast:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            if rcvbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            if sndbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+            if at is not None:
+                if family == socket.AF_UNIX and not at[1].startswith("\0"):
+                    _unix_path_free(at[1], socket.SOCK_DGRAM)
+                    path = at[1]
+                sock.bind(at[1])
+            elif family == socket.AF_UNIX and sys.platform.startswith("linux"):
+                sock.bind("")                     # autobind: an abstract name the server can answer
+            if to is not None:
+                sock.connect(to[1])
+                self.peer = to[1]
+            self._sock = sock
+            self.fd = sock.fileno()
+            reactor.add_handler(self, self.fd, EV_IN, poller=poller)
+        except BaseException:
+            self._sock = None
+            self.fd = -1
+            sock.close()
+            if path is not None:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            raise
+        self._unix_path = path
+        return self
+
+    @property
+    def address(self) -> Any:
+        """The bound address (getsockname()): ``(host, port)``, ``(host, port,
+        flow, scope)``, a unix path, or ``"@name"`` for an abstract one."""
+        s = self._sock
+        if s is None:
+            return None
+        a = s.getsockname()
+        if isinstance(a, bytes):
+            a = a.decode(errors="replace")
+        if isinstance(a, str) and a.startswith("\0"):
+            a = "@" + a[1:]
+        return a
+
+    def join_group(self, group: str, interface: str = "") -> None:
+        """Join multicast ``group`` ("239.1.2.3", "ff02::1:3") on ``interface``: an
+        IPv4 address of the interface (default: the kernel's choice) or, for
+        IPv6, an interface name or index ("" or "0": the default).  The socket
+        must be bound to the group's port.  Any thread (a setsockopt)."""
+        self._membership(group, interface, True)
+
+    def leave_group(self, group: str, interface: str = "") -> None:
+        """Leave a group joined with ``join_group``."""
+        self._membership(group, interface, False)
+
+    def _membership(self, group: str, interface: str, join: bool) -> None:
+        s = self._sock
+        if s is None:
+            raise RuntimeError("%s is not bound" % _safe_repr(self))
+        if ":" in group:
+            if interface and not interface.isdigit():
+                index = socket.if_nametoindex(interface)
+            else:
+                index = int(interface or 0)
+            mreq = socket.inet_pton(socket.AF_INET6, group) + struct.pack("@I", index)
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP if join else socket.IPV6_LEAVE_GROUP, mreq)
+        else:
+            mreq = socket.inet_aton(group) + socket.inet_aton(interface or "0.0.0.0")
+            s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP if join else socket.IP_DROP_MEMBERSHIP,
+                         mreq)
+
+    # -- callbacks (override these) --------------------------------------------------
+
+    def on_datagram(self, data: memoryview, addr: Any) -> None:
+        """A datagram arrived from ``addr`` (as recvfrom gives it: ``(host, port)``,
+        a unix path, None for an unnamed unix sender).  ``data`` is a memoryview
+        of the poller's shared buffer, valid until this callback returns (copy
+        with ``bytes(data)`` to keep it).  Default: drop it."""
+
+    def on_error(self, err: OSError, addr: Any) -> None:
+        """A datagram error: ``err`` an OSError (ConnectionRefusedError: the
+        connected peer's port is closed, an ICMP answer; EMSGSIZE: too large to
+        send; EHOSTUNREACH ...), ``addr`` the destination of the send that
+        failed (None for an error reported by a read).  The socket stays open.
+        Default: keep it in ``self.error``."""
+        self.error = err
+
+    def on_read(self) -> Optional[bool]:
+        """Read a bounded batch of datagrams (_DGRAM_BATCH), calling
+        ``on_datagram`` for each.  Override ``on_datagram``, not this; a
+        handler that overrides this reads with ``recvfrom()`` and should read a
+        bounded number per call too (the poller reports it again while
+        datagrams remain)."""
+        p = self.poller
+        s = self._sock
+        if s is None:
+            return True
+        rview = p._rview
+        size = len(rview)
+        recv = s.recvfrom_into
+        views = p._views
+        for _ in range(_DGRAM_BATCH):
+            try:
+                n, addr = recv(rview, 0, _RECV_TRUNC)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if self._state != _CLOSED:
+                    self.on_error(_bare(e), None)
+                break
+            if n >= size and self._truncated(n, size, addr):
+                continue
+            if self._state:                       # closing: flush the queue, read nothing more
+                continue
+            # p._view(n), with read()'s cache of one view per length (see there).
+            v = views[n] if n < _VIEW_CACHE else None
+            try:
+                if not v:
+                    v = p._view(n)
+            except ValueError:                    # a view its user released
+                v = p._view(n)
+            self.on_datagram(v, addr)
+            if self._state:
+                break
+        return True
+
+    def recvfrom(self) -> Optional[tuple]:
+        """One datagram: ``(data, addr)``, ``data`` a memoryview of the poller's
+        shared buffer (valid until the next read on this poller), or None when
+        none is ready -- also after an error, which went to ``on_error``.
+        Datagrams too large for the buffer are skipped and counted.  Poller
+        thread only, in ``on_read``."""
+        p = self.poller
+        s = self._sock
+        if p is None or s is None:
+            if self._state == _CLOSED:
+                return None
+            raise RuntimeError("recvfrom() on %s, which is not bound or connected" % _safe_repr(self))
+        rview = p._rview
+        size = len(rview)
+        for _ in range(_DGRAM_BATCH):
+            try:
+                n, addr = s.recvfrom_into(rview, 0, _RECV_TRUNC)
+            except BlockingIOError:
+                return None
+            except OSError as e:
+                if self._state != _CLOSED:
+                    self.on_error(_bare(e), None)
+                return None
+            if n >= size and self._truncated(n, size, addr):
+                continue
+            return p._view(n), addr
+        return None
+
+    def _truncated(self, n: int, size: int, addr: Any) -> bool:
+        """Was a datagram of ``n`` bytes (recv's answer with MSG_TRUNC) cut to the
+        ``size``-byte buffer?  Count it (and say so in trace mode) if it was."""
+        if n == size and _RECV_TRUNC:
+            return False                          # exactly the buffer's size: whole
+        self.truncated_datagrams += 1
+        obs = self.poller._observer
+        if obs is not None:
+            obs.say("fd %d: datagram of %s bytes from %r is larger than the %d-byte read buffer: "
+                    "dropped, counted" % (self.fd, n if _RECV_TRUNC else ">= %d" % n, addr, size))
+        return True
+
+    # -- sending --------------------------------------------------------------------
+
+    def sendto(self, data: Any, address: Any = None) -> None:
+        """Send one datagram to ``address`` (as socket.sendto takes it: ``(host,
+        port)``, a unix path; None: the connected peer).  Never blocks: if the
+        kernel has no room the datagram is queued whole, with its address, and
+        sent in order when the socket is writable; above ``queue_limit`` queued
+        bytes, or once closed, it is dropped and counted in
+        ``dropped_datagrams``.  A failure (EMSGSIZE, ECONNREFUSED, EHOSTUNREACH
+        ...) goes to ``on_error``.  From another thread the data is copied and
+        sent, in call order, by the owning poller (as ``async_write``).
+        RuntimeError if the handler was never bound or connected."""
+        p = self.poller
+        if p is None:
+            if self._state == _CLOSED:
+                self.dropped_datagrams += 1
+                return
+            raise RuntimeError("sendto() on %s, which is not bound or connected" % _safe_repr(self))
+        if not (p._mine._is_owned() or p._state == _NEW):
+            p._post(self._sendto_posted, data if type(data) is bytes else bytes(memoryview(data)), address)
+            return
+        if self._state:
+            self.dropped_datagrams += 1
+            return
+        if self._dq:                              # keep the order: behind the queue
+            self._queue(bytes(memoryview(data)), address)
+            return
+        try:
+            if address is None:
+                self._sock.send(data)
+            else:
+                self._sock.sendto(data, address)
+        except BlockingIOError:
+            self._queue(bytes(memoryview(data)), address)
+        except OSError as e:
+            self.on_error(_bare(e), address)
+
+    def _sendto_posted(self, data: bytes, address: Any) -> None:
+        if self._state == _CLOSED:
+            self.dropped_datagrams += 1
+        else:
+            self.sendto(data, address)
+
+    def _queue(self, data: bytes, address: Any) -> None:
+        if self._dq_bytes + len(data) > self.queue_limit:
+            self.dropped_datagrams += 1
+            return
+        dq = self._dq
+        if dq is None:
+            dq = self._dq = collections.deque()
+        dq.append((data, address))
+        self._dq_bytes += len(data)
+        if not self._mask & EV_OUT:
+            self._update()
+
+    @property
+    def pending_write_bytes(self) -> int:
+        """Bytes of queued datagrams."""
+        return self._dq_bytes
+
+    def _flush(self) -> bool:
+        """Send queued datagrams while the kernel takes them (on_write's default)."""
+        dq = self._dq
+        if not dq:
+            return True
+        s = self._sock
+        while dq:
+            data, address = dq[0]
+            try:
+                if address is None:
+                    s.send(data)
+                else:
+                    s.sendto(data, address)
+            except BlockingIOError:
+                return True
+            except OSError as e:
+                dq.popleft()
+                self._dq_bytes -= len(data)
+                self.on_error(_bare(e), address)
+                if self._state == _CLOSED:
+                    return True
+                continue
+            dq.popleft()
+            self._dq_bytes -= len(data)
+        self._update()
+        if self._state == _CLOSING:
+            self._close_now()
+        else:
+            self.on_write_drained()
+        return True
+
+    def _drop_queue(self) -> None:
+        if self._dq:
+            self.dropped_datagrams += len(self._dq)
+            self._dq.clear()
+        self._dq_bytes = 0
+
+    def _update(self) -> None:
+        """The registered events: EV_IN always while not closed (errors are read:
+        see the section's notes), EV_OUT while datagrams are queued or the user
+        asked for it."""
+        want = 0
+        if self._state != _CLOSED:
+            want = EV_IN
+            if self._dq or self._user & EV_OUT:
+                want |= EV_OUT
+        have = self._mask
+        if want == have or self.poller is None:
+            return
+        b = self.poller._backend
+        self._mask = want                         # published first: see IOHandle._update
+        try:
+            if not want:
+                b.unregister(self.fd)
+            elif not have:
+                b.register(self.fd, b.native[want])
+            else:
+                b.modify(self.fd, b.native[want])
+        except OSError:
+            if want:
+                self._mask = have
+                raise
+
+    # -- closing --------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Send the queued datagrams, then close; idempotent; any thread.  (An
+        error event that comes with a writable one while the queue is being
+        sent ends the flush: the loop aborts a closing handler then, and the
+        rest is counted in ``dropped_datagrams``.)"""
+        if self._posted_if_elsewhere(self.close):
+            return
+        if self._state:
+            return
+        if self._dq:
+            self._state = _CLOSING
+        else:
+            self._close_now()
+
+    def _abandon(self) -> None:
+        """The reactor stops: one last try to send the queue, the rest counted."""
+        if self._dq:
+            try:
+                self._flush()
+            except Exception:
+                pass
+        self._drop_queue()
+        self._close_now()
+
+    def destroy(self) -> None:
+        """Close the socket (the default on_close); a bound unix path is unlinked."""
+        IOHandle.destroy(self)
+        self._drop_queue()
+        path, self._unix_path = self._unix_path, None
+        if path is not None:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def __repr__(self) -> str:
+        state = ("open", "closing", "closed")[self._state]
+        where = "" if self.poller is None else " poller=%d" % self.poller.index
+        q = " queued=%d/%dB" % (len(self._dq), self._dq_bytes) if self._dq else ""
+        return "<%s fd=%d%s %s%s>" % (type(self).__name__, self.fd, where, state, q)
+
+
+_POSTED_SENDS[DatagramHandle._sendto_posted] = lambda h, args: setattr(
+    h, "dropped_datagrams", h.dropped_datagrams + 1)
+
+
 ###############################################################################
 # PART II -- production extras
 #
@@ -3412,7 +3880,7 @@ class Connector:
 
 
 # =============================================================================
-# 11. Trace mode: every step of the loop on stderr
+# 12. Trace mode: every step of the loop on stderr
 # =============================================================================
 # Reactor(trace=True), GOEV_TRACE=1 or --trace attach a _Tracer to each
 # poller: the loop's observer (section 7's hooks), so what it prints is the
@@ -3495,6 +3963,36 @@ class _TracedSocket:
             self._say("fd %d: recv -> %s" % (self._fd, e))
             raise
         self._say("fd %d: recv -> %d bytes%s" % (self._fd, n, "" if n else " (end of stream)"))
+        return n
+
+    def recvfrom_into(self, buf: Any, *a: Any) -> tuple:    # what DatagramHandle reads with
+        try:
+            n, addr = self._s.recvfrom_into(buf, *a)
+        except BlockingIOError:
+            self._say("fd %d: recvfrom -> nothing ready (EAGAIN)" % self._fd)
+            raise
+        except OSError as e:
+            self._say("fd %d: recvfrom -> %s (a pending error: on_error)" % (self._fd, e))
+            raise
+        self._say("fd %d: recvfrom -> %d bytes from %r" % (self._fd, n, addr))
+        return n, addr
+
+    def sendto(self, data: Any, addr: Any) -> int:
+        return self._sent("sendto(%r)" % (addr,), self._s.sendto, data, addr)
+
+    def send(self, data: Any, *a: Any) -> int:
+        return self._sent("send", self._s.send, data, *a)
+
+    def _sent(self, what: str, fn: Callable, data: Any, *a: Any) -> int:
+        try:
+            n = fn(data, *a)
+        except BlockingIOError:
+            self._say("fd %d: %s %d bytes -> no room (EAGAIN)" % (self._fd, what, len(data)))
+            raise
+        except OSError as e:
+            self._say("fd %d: %s %d bytes -> %s" % (self._fd, what, len(data), e))
+            raise
+        self._say("fd %d: %s %d bytes -> %d sent" % (self._fd, what, len(data), n))
         return n
 
     def _accept(self) -> tuple:          # what Acceptor.on_read calls
@@ -3590,7 +4088,7 @@ _EXTRAS["tracer"] = _Tracer
 
 
 # =============================================================================
-# 12. TLS: SSLObject over memory BIOs, and the class swap
+# 13. TLS: SSLObject over memory BIOs, and the class swap
 # =============================================================================
 # The standard library's ssl module can run TLS without owning the socket:
 # ``context.wrap_bio(incoming, outgoing)`` gives an ``SSLObject`` that reads
@@ -4041,7 +4539,7 @@ _EXTRAS["tls_client"] = _tls_client_stage
 
 
 # =============================================================================
-# 13. The PROXY protocol: the client's address from a load balancer
+# 14. The PROXY protocol: the client's address from a load balancer
 # =============================================================================
 # HAProxy's v1 text and v2 binary headers.
 # Behind a TCP load balancer every connection comes from the balancer; with the
@@ -4206,7 +4704,7 @@ _EXTRAS["proxy"] = _proxy_stage
 
 
 # =============================================================================
-# 14. ConnectPool: a pool of client connections
+# 15. ConnectPool: a pool of client connections
 # =============================================================================
 # The pool keeps at least ``min_idle`` open, idle connections to one address,
 # adding ``add_step`` at a time and never more than ``max_live``.  All its
@@ -4397,7 +4895,7 @@ class ConnectPool:
 
 
 # =============================================================================
-# 15. Multi-process serving: serve()
+# 16. Multi-process serving: serve()
 # =============================================================================
 # Under the GIL one process runs Python on one core at a time, so a server
 # uses every core with processes.  serve() forks N workers; each builds its
@@ -4809,7 +5307,7 @@ def serve(addr: Union[str, tuple, None], factory: Callable[[], IOHandle], *, wor
 
 
 # =============================================================================
-# 16. The command line: python -m goev echo|http ADDR
+# 17. The command line: python -m goev echo|http ADDR, echo --udp ADDR
 # =============================================================================
 # The CLI is a thin user of the public API and doubles as the worked example
 # that closes the tour: an echo handler and a keep-alive HTTP handler with an
@@ -4823,6 +5321,50 @@ class _EchoHandler(IOHandle):
 
     def on_data(self, data: memoryview) -> None:
         self.write(data)
+
+
+class _DatagramEcho(DatagramHandle):
+    """``echo --udp``: every datagram goes back to its sender."""
+    __slots__ = ()
+
+    def on_datagram(self, data: memoryview, addr: Any) -> None:
+        self.sendto(data, addr)
+
+
+def _udp_echo(args: Any, sp: Any) -> int:
+    """``python -m goev echo --udp ADDR``: one process, a datagram socket per
+    poller sharing the port (SO_REUSEPORT: the kernel spreads senders over
+    them; a unix address gets one socket).  Stops on SIGINT/SIGTERM (run())."""
+    for opt, bad in (("--workers", args.workers != 1), ("--tls-cert", args.tls_cert),
+                     ("--proxy-protocol", args.proxy_protocol)):
+        if bad:
+            sp.error("%s is for TCP; with --udp use --pollers N for more sockets" % opt)
+    if args.addr is None:
+        sp.error("ADDR is needed with --udp, e.g. 127.0.0.1:5353")
+    try:
+        r = Reactor(args.pollers, backend=args.backend, trace=args.trace,
+                    slow_callback_ms=args.slow_callback_ms)
+    except (TypeError, ValueError) as e:
+        print("goev: %s" % e, file=sys.stderr)
+        return 2
+    with r:
+        try:
+            first = _DatagramEcho().bind(r, args.addr, reuse_port=args.pollers > 1, poller=0)
+            address = first.address
+            if first.sock.family != socket.AF_UNIX:
+                for i in range(1, args.pollers):
+                    _DatagramEcho().bind(r, address[:2], reuse_port=True, poller=i)
+        except (TypeError, ValueError) as e:
+            print("goev: %s" % e, file=sys.stderr)
+            return 2
+        except OSError as e:
+            print("goev: cannot bind %s: %s" % (args.addr, e), file=sys.stderr)
+            return 2
+        print("goev %s: echo (UDP) server on %s (%d poller%s, %s)" % (
+            __version__, address, args.pollers, "s" * (args.pollers > 1), r.pollers[0]._backend.name),
+            file=sys.stderr, flush=True)
+        r.run()
+    return 0
 
 
 _HTTP_MAX_HEADER = 8192       # a request head larger than this is refused (400)
@@ -5260,7 +5802,7 @@ def _main(argv: Optional[list] = None) -> int:           # pragma: no cover - ru
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.required = True
     subs = {}
-    for name, helptext in (("echo", "a TCP echo server"),
+    for name, helptext in (("echo", "an echo server (TCP, or UDP with --udp)"),
                            ("http", 'a keep-alive HTTP/1.1 "Hello, World!" server (pipelining)')):
         sp = subs[name] = sub.add_parser(name, help=helptext, description="Run %s on ADDR." % helptext)
         sp.add_argument("addr", metavar="ADDR", nargs="?",
@@ -5281,6 +5823,10 @@ def _main(argv: Optional[list] = None) -> int:           # pragma: no cover - ru
                         type=str.upper, metavar="LEVEL",
                         help='the "goev" logger\'s level: DEBUG (also each rejected PROXY header and failed '
                              'TLS handshake), INFO (also reloads), WARNING (default), ERROR')
+        if name == "echo":
+            sp.add_argument("--udp", action="store_true",
+                            help="echo datagrams (UDP, or a unix datagram socket) instead of a stream; "
+                                 "--pollers N binds N sockets to the port (SO_REUSEPORT)")
         if name == "http":
             sp.add_argument("--header-timeout", type=float, default=_HTTP_TIMEOUTS[0], metavar="SECONDS",
                             help="close a connection whose request head is not complete within this "
@@ -5296,7 +5842,7 @@ def _main(argv: Optional[list] = None) -> int:           # pragma: no cover - ru
     sp = subs[args.cmd]
     if extra:
         sp.error("unrecognized arguments: %s" % " ".join(extra))
-    if args.addr is None and os.environ.get("LISTEN_PID", "") != str(os.getpid()):
+    if args.addr is None and not getattr(args, "udp", False) and os.environ.get("LISTEN_PID", "") != str(os.getpid()):
         sp.error("ADDR is needed, e.g. 127.0.0.1:8080 (this machine) or :8080 (every IPv4 interface); "
                  "it may be left out only under systemd socket activation (LISTEN_FDS)")
     log = logging.getLogger("goev")
@@ -5305,6 +5851,8 @@ def _main(argv: Optional[list] = None) -> int:           # pragma: no cover - ru
         handler = logging.StreamHandler()      # stderr; the pid tells workers apart
         handler.setFormatter(logging.Formatter("goev[%(process)d] %(levelname)s: %(message)s"))
         log.addHandler(handler)
+    if getattr(args, "udp", False):
+        return _udp_echo(args, sp)
     factory = _EchoHandler if args.cmd == "echo" else _HttpHandler
     setup: Optional[Callable[[Reactor], None]] = None
     if args.cmd == "http":

@@ -779,8 +779,6 @@ def _stderr_file():
     return tempfile.TemporaryFile(mode="w+")
 
 
-
-
 def _park(poller):
     """Block ``poller``'s thread until the returned Event is set: I/O that happens
     meanwhile is reported to it in one batch when it polls again."""
@@ -854,8 +852,6 @@ def _connect_pair(a, got):
     return c, h
 
 
-
-
 class _RawReader(goev.IOHandle):
     """A handler on a raw fd (a pipe or socket end the test owns): reads with os.read."""
 
@@ -882,8 +878,6 @@ class _RawReader(goev.IOHandle):
 
     def on_close(self):
         self.closes += 1                      # the fd belongs to the test: not closed here
-
-
 
 
 def _eof_or_reset(sock):
@@ -1593,8 +1587,6 @@ def test_fork_child_builds_its_own_reactor(make_reactor, npollers):
 def _assert_4ary_heap(heap):
     for i in range(1, len(heap)):
         assert not heap[i] < heap[(i - 1) >> 2], "heap property broken at %d" % i
-
-
 
 
 def _dead_entries(p):
@@ -6980,7 +6972,350 @@ def test_host_names_are_resolved_off_the_pollers(make_reactor, monkeypatch, npol
 
 
 # =============================================================================
-# 11. Trace mode: every step of the loop on stderr
+# 11. Datagrams: UDP and unix datagram sockets
+# =============================================================================
+# DatagramHandle: every size up to 65,507 bytes, truncation counted, bounded
+# read batches, the send queue and its limit, ICMP and EMSGSIZE errors, IPv6,
+# unix datagram sockets, reuse_port, broadcast and multicast, threads.
+
+class DgramEcho(goev.DatagramHandle):
+    """Sends every datagram back to where it came from."""
+
+    def on_datagram(self, data, addr):
+        self.sendto(data, addr)
+
+
+class DgramProbe(goev.DatagramHandle):
+    """Records datagrams (as bytes), errors and the size of each read batch."""
+
+    def __init__(self):
+        self.got = []               # (bytes, addr); appended on the poller, read by the test
+        self.errors = []            # (OSError, addr)
+        self.batches = []
+
+    def on_datagram(self, data, addr):
+        self.got.append((bytes(data), addr))
+
+    def on_error(self, err, addr):
+        super().on_error(err, addr)
+        self.errors.append((err, addr))
+
+    def on_read(self):
+        before = len(self.got)
+        keep = super().on_read()
+        self.batches.append(len(self.got) - before)
+        return keep
+
+
+def _udp_client(family=socket.AF_INET):
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.settimeout(WAIT)
+    return s
+
+
+def test_udp_echo_every_size_from_1_byte_to_the_ipv4_maximum(make_reactor):
+    r = make_reactor()
+    e = DgramEcho().bind(r, "127.0.0.1:0")
+    r.start()
+    c = _udp_client()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    try:
+        for n in (1, 2, 100, 1472, 1473, 8192, 65000, 65507):
+            payload = os.urandom(n)
+            c.sendto(payload, e.address)
+            data, addr = c.recvfrom(70000)
+            assert data == payload and addr == e.address
+    finally:
+        c.close()
+    assert e.truncated_datagrams == 0 and e.dropped_datagrams == 0 and not e.closed
+
+
+def test_udp_datagram_larger_than_the_read_buffer_is_counted_never_delivered_cut(make_reactor):
+    r = make_reactor(read_buffer_size=1024)
+    h = DgramProbe().bind(r, "127.0.0.1:0")
+    r.start()
+    c = _udp_client()
+    try:
+        c.sendto(b"a" * 2000, h.address)        # cut: counted, skipped
+        c.sendto(b"b" * 1024, h.address)        # exactly the buffer: whole (Linux: MSG_TRUNC)
+        c.sendto(b"c" * 10, h.address)
+        wait_until(lambda: len(h.got) >= 2 and h.got[-1][0] == b"c" * 10, what="the small datagram")
+    finally:
+        c.close()
+    assert h.truncated_datagrams == 1
+    assert [d for d, _ in h.got] == [b"b" * 1024, b"c" * 10]
+    assert not h.closed
+
+
+def test_udp_connected_client_gets_icmp_refused_as_an_error_and_stays_open(make_reactor):
+    r = make_reactor()
+    dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dead.bind(("127.0.0.1", 0))
+    gone = dead.getsockname()
+    dead.close()                                 # nobody listens there any more
+    h = DgramProbe().connect(r, gone)
+    assert h.peer == gone
+    r.start()
+    h.sendto(b"anyone?")
+    wait_until(lambda: h.errors, what="ECONNREFUSED in on_error")
+    err, addr = h.errors[0]
+    assert isinstance(err, ConnectionRefusedError) and addr is None
+    assert h.error is err and not h.closed
+    h.sendto(b"still there?")                    # the error was news, not an end
+    wait_until(lambda: len(h.errors) >= 2, what="a second ECONNREFUSED")
+    assert not h.closed and h.fd >= 0
+
+
+def test_udp_emsgsize_reaches_on_error_with_the_destination(make_reactor):
+    r = make_reactor()
+    h = DgramProbe().bind(r, "127.0.0.1:0")
+    h.sendto(b"x" * 65508, ("127.0.0.1", 9))     # over the IPv4 maximum (before start: direct)
+    assert len(h.errors) == 1
+    err, addr = h.errors[0]
+    assert err.errno == errno.EMSGSIZE and addr == ("127.0.0.1", 9)
+    assert not h.closed
+
+
+def test_udp_flood_is_read_in_bounded_batches_and_a_tcp_echo_on_the_same_poller_keeps_working(make_reactor):
+    r = make_reactor()
+    sink = DgramProbe().bind(r, "127.0.0.1:0", rcvbuf=1 << 20)
+    a = goev.Acceptor(r, "127.0.0.1:0", DataEcho)
+    r.start()
+    stop = threading.Event()
+    sent = [0]
+
+    def blast():
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            while not stop.is_set():
+                for _ in range(100):
+                    s.sendto(b"x" * 32, sink.address)
+                sent[0] += 100
+        finally:
+            s.close()
+    blasters = [threading.Thread(target=blast) for _ in range(2)]
+    for t in blasters:
+        t.start()
+    try:
+        wait_until(lambda: len(sink.got) > 1000, what="the flood to arrive")
+        with socket.create_connection(a.address, timeout=WAIT) as c:
+            for i in range(50):                  # each round trip while the flood goes on
+                c.sendall(b"ping %d\n" % i)
+                assert recv_exact(c, len(b"ping %d\n" % i)) == b"ping %d\n" % i
+    finally:
+        stop.set()
+        for t in blasters:
+            t.join(WAIT)
+    assert max(sink.batches) <= goev._DGRAM_BATCH
+    assert not sink.closed
+
+
+def test_datagram_send_queue_keeps_order_and_drops_beyond_its_limit(make_reactor, tmp_path):
+    # A unix datagram receiver that does not read makes the sender's kernel say
+    # EAGAIN (UDP on loopback would drop at the receiver instead).
+    path = str(tmp_path / "rx.sock")
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(path)
+    rx.settimeout(WAIT)
+    r = make_reactor()
+    h = DgramProbe().connect(r, "unix:" + path)
+    h.queue_limit = 50 * 1000
+    r.start()
+    n = 3000
+    done = threading.Event()
+
+    def burst():                                 # on the poller: nothing drains in between
+        for i in range(n):
+            h.sendto(b"%08d" % i + bytes(992))
+        done.set()
+    r.post_to(h, burst)
+    assert done.wait(WAIT)
+    wait_until(lambda: h.dropped_datagrams > 0, what="drops")
+    assert 0 < h.pending_write_bytes <= 50 * 1000
+    got = []
+    try:
+        while len(got) + h.dropped_datagrams < n:
+            got.append(int(rx.recv(2000)[:8]))
+    finally:
+        rx.close()
+    assert got == list(range(len(got)))          # in order, none lost but the counted drops
+    assert len(got) + h.dropped_datagrams == n
+    wait_until(lambda: h.pending_write_bytes == 0, what="the queue to empty")
+    assert not h.errors and not h.closed
+
+
+def test_udp_sendto_from_another_thread_keeps_call_order(make_reactor, tmp_path):
+    path = str(tmp_path / "rx.sock")
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(path)
+    rx.settimeout(WAIT)
+    r = make_reactor(3)
+    h = DgramProbe().connect(r, "unix:" + path)
+    h.queue_limit = 1 << 20
+    r.start()
+    n = 2000
+    got = []
+
+    def receive():
+        while len(got) < n:
+            got.append(int(rx.recv(100)))
+    t = threading.Thread(target=receive)
+    t.start()
+    try:
+        for i in range(n):
+            if i % 100 == 50:                    # some from the poller itself, in between
+                r.post_to(h, h.sendto, b"%d" % i)
+            else:
+                h.sendto(b"%d" % i)              # from this thread: posted, FIFO
+        t.join(WAIT)
+    finally:
+        rx.close()
+    assert got == list(range(n))
+    assert h.dropped_datagrams == 0
+
+
+def test_udp_sendto_after_the_reactor_stopped_is_dropped_and_counted(make_reactor):
+    r = make_reactor()
+    h = DgramProbe().bind(r, "127.0.0.1:0")
+    r.start()
+    r.stop(timeout=WAIT)
+    h.sendto(b"late")
+    h.sendto(b"later", ("127.0.0.1", 9))
+    assert h.dropped_datagrams == 2 and h.closed
+
+
+def test_udp_ipv6_echo(make_reactor):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    r = make_reactor()
+    try:
+        e = DgramEcho().bind(r, "[::1]:0")
+    except OSError as err:
+        pytest.skip("no IPv6 loopback: %s" % err)
+    r.start()
+    c = _udp_client(socket.AF_INET6)
+    try:
+        c.sendto(b"six", e.address)
+        assert c.recvfrom(100)[0] == b"six"
+    finally:
+        c.close()
+    assert len(e.address) == 4
+
+
+@pytest.mark.parametrize("kind", ["path", "abstract"])
+def test_unix_datagram_echo_with_a_goev_client(make_reactor, tmp_path, kind):
+    addr = "unix:" + (str(tmp_path / "dg.sock") if kind == "path" else "@goev-test-dg-%d" % os.getpid())
+    r = make_reactor()
+    e = DgramEcho().bind(r, addr)
+    c = DgramProbe().connect(r, addr)            # autobound: the server can answer
+    r.start()
+    c.sendto(b"hello")
+    wait_until(lambda: c.got, what="the echo")
+    assert c.got[0][0] == b"hello"
+    r.stop(timeout=WAIT)
+    if kind == "path":
+        assert not os.path.exists(addr[5:])      # unlinked on close
+    else:
+        assert e.address is None
+
+
+def test_unix_datagram_bind_refuses_a_live_path_and_replaces_a_stale_one(make_reactor, tmp_path):
+    path = str(tmp_path / "dg.sock")
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    live.bind(path)
+    r = make_reactor()
+    try:
+        with pytest.raises(OSError) as info:
+            DgramEcho().bind(r, "unix:" + path)
+        assert info.value.errno == errno.EADDRINUSE
+    finally:
+        live.close()                             # now stale: replaced
+    e = DgramEcho().bind(r, "unix:" + path)
+    assert e.address == path
+
+
+def test_udp_reuse_port_binds_twice_and_a_busy_port_raises_leaving_no_fd(make_reactor):
+    r = make_reactor()
+    one = DgramEcho().bind(r, "127.0.0.1:0", reuse_port=True)
+    two = DgramEcho().bind(r, one.address, reuse_port=True)
+    assert two.address == one.address
+    plain = DgramEcho().bind(r, "127.0.0.1:0")
+    lone = DgramEcho()
+    with pytest.raises(OSError) as info:
+        lone.bind(r, plain.address)
+    assert info.value.errno == errno.EADDRINUSE
+    assert lone.fd == -1                         # (the hygiene fixture checks no fd leaked)
+
+
+def test_udp_broadcast_option_and_multicast_membership(make_reactor):
+    r = make_reactor()
+    b = DgramEcho().bind(r, "127.0.0.1:0", broadcast=True)
+    assert b.sock.getsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST) == 1
+    m = DgramProbe().bind(r, ":0")
+    group = "239.255.77.%d" % (os.getpid() % 200 + 1)
+    try:
+        m.join_group(group, "127.0.0.1")
+    except OSError as err:
+        pytest.skip("no multicast on loopback here: %s" % err)
+    r.start()
+    c = _udp_client()
+    try:
+        c.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+        c.sendto(b"to the group", (group, m.address[1]))
+        wait_until(lambda: m.got, what="the multicast datagram")
+    finally:
+        c.close()
+    assert m.got[0][0] == b"to the group"
+    m.leave_group(group, "127.0.0.1")
+
+
+def test_datagram_handler_needs_a_bind_before_use_and_refuses_a_second_bind(make_reactor):
+    r = make_reactor()
+    h = DgramProbe()
+    with pytest.raises(RuntimeError, match="not bound"):
+        h.sendto(b"x", ("127.0.0.1", 9))
+    h.bind(r, "127.0.0.1:0")
+    with pytest.raises(ValueError, match="already bound"):
+        h.bind(r, "127.0.0.1:0")
+    with pytest.raises(TypeError):
+        DgramProbe().bind(object(), "127.0.0.1:0")
+
+
+def test_udp_close_from_another_thread_and_on_close_runs_once(make_reactor):
+    closes = []
+
+    class H(DgramProbe):
+        def on_close(self):
+            closes.append(threading.current_thread().name)
+            super().on_close()
+    r = make_reactor()
+    h = H().bind(r, "127.0.0.1:0")
+    r.start()
+    h.close()
+    wait_until(lambda: closes, what="on_close")
+    assert h.closed and h.fd == -1 and len(closes) == 1
+    assert closes[0].startswith("goev-poller")
+
+
+def test_udp_trace_shows_recvfrom_and_sendto(make_reactor, capfd):
+    r = make_reactor(trace=True)
+    e = DgramEcho().bind(r, "127.0.0.1:0")
+    r.start()
+    c = _udp_client()
+    try:
+        c.sendto(b"trace", e.address)
+        assert c.recvfrom(100)[0] == b"trace"
+        port = c.getsockname()[1]
+    finally:
+        c.close()
+    r.stop(timeout=WAIT)
+    err = capfd.readouterr().err
+    assert "recvfrom -> 5 bytes from ('127.0.0.1', %d)" % port in err
+    assert "sendto(('127.0.0.1', %d)) 5 bytes -> 5 sent" % port in err
+
+
+# =============================================================================
+# 12. Trace mode: every step of the loop on stderr
 # =============================================================================
 # The trace shows the real loop, in its order, and costs nothing when off.
 
@@ -7159,7 +7494,7 @@ def test_trace_mode_shows_the_order_of_the_real_loop(backend):
 
 
 # =============================================================================
-# 12. TLS: SSLObject over memory BIOs, and the class swap
+# 13. TLS: SSLObject over memory BIOs, and the class swap
 # =============================================================================
 # Handshakes (server and client), byte-exact echo, close_notify, half-close,
 # backpressure, bad peers, the CLI with certificates.
@@ -7205,8 +7540,6 @@ def tls_connect(address, client_ctx, **kw):
     except BaseException:
         raw.close()
         raise
-
-
 
 
 def test_tls_on_data_handler_echo_and_eof(make_reactor, npollers, server_ctx, client_ctx):
@@ -7945,7 +8278,7 @@ def test_tls_head_and_idle_timeout(tmp_path):
 
 
 # =============================================================================
-# 13. The PROXY protocol: the client's address from a load balancer
+# 14. The PROXY protocol: the client's address from a load balancer
 # =============================================================================
 # v1 and v2 headers, split and bad headers, timeouts, HAProxy in front.
 
@@ -8219,7 +8552,7 @@ def test_haproxy_in_front_of_acceptor(make_reactor, backend, haproxy, mode):
         with socket.create_connection(("127.0.0.1", front)) as c:
             c.sendall(b"through haproxy")
             assert recv_exact(c, 15) == b"through haproxy"
-            me = c.getsockname()
+            me = ("127.0.0.1", c.getsockname()[1])
         # (the order of on_open calls is not ours to rely on: wait_port's probe
         # connection may reach the server after this one)
         wait_until(lambda: any(o[0] == me for o in rec.opened), what="on_open with peer %r" % (me,))
@@ -8243,7 +8576,7 @@ def test_haproxy_in_front_of_cli_echo(backend, haproxy, mode):
         with socket.create_connection(("127.0.0.1", front)) as c:
             c.sendall(b"hello")
             assert recv_exact(c, 5) == b"hello"
-            me = c.getsockname()
+            me = ("127.0.0.1", c.getsockname()[1])
         want = "PROXY v%d header: client %r via" % (2 if mode.endswith("v2") else 1, me)
 
         def seen():
@@ -8256,7 +8589,7 @@ def test_haproxy_in_front_of_cli_echo(backend, haproxy, mode):
 
 
 # =============================================================================
-# 14. ConnectPool: a pool of client connections
+# 15. ConnectPool: a pool of client connections
 # =============================================================================
 # Fill, acquire, release; a server that goes away and comes back; close.
 
@@ -8614,7 +8947,7 @@ def test_pool_bad_arguments(make_reactor):
 
 
 # =============================================================================
-# 15. Multi-process serving: serve()
+# 16. Multi-process serving: serve()
 # =============================================================================
 # Workers on REUSEPORT, restarts, SIGTERM drains, SIGHUP reloads, SIGQUIT,
 # systemd socket activation.
@@ -8928,8 +9261,6 @@ def test_sighup_without_workers_is_ignored(backend):
         err.close()
 
 
-
-
 def test_serve_shared_socket_unix_workers(backend, tmp_path):
     """workers=N on a unix socket: one listening socket made by the supervisor
     (per-worker binds could not share a path); the path is removed at exit."""
@@ -8978,7 +9309,7 @@ def test_serve_exits_nonzero_when_its_listener_breaks(backend):
 
 
 # =============================================================================
-# 16. The command line: python -m goev echo|http ADDR
+# 17. The command line: python -m goev echo|http ADDR, echo --udp ADDR
 # =============================================================================
 # Real processes: options, exit codes, and the HTTP server (RFC 9112 framing,
 # timeouts, malformed input, its fast path).
@@ -9815,6 +10146,67 @@ def test_fast_path_learns_only_plain_gets(http_goev_mod):
         fd.close()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_cli_udp_echo_serves_on_every_poller_and_stops_on_signal(backend, sig):
+    """`python -m goev echo --udp 127.0.0.1:0 --pollers 2` echoes datagrams
+    (one socket per poller on the port) and exits 0 on SIGINT/SIGTERM."""
+    p = spawn_py(["-m", "goev", "echo", "--udp", "127.0.0.1:0", "--backend", backend, "--pollers", "2"])
+    try:
+        err = _Pipe(p.stderr)
+        banner = err.readline()
+        assert "echo (UDP) server on ('127.0.0.1', " in banner and backend in banner, banner
+        port = int(re.search(r"'127\.0\.0\.1', (\d+)\)", banner).group(1))
+        clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(8)]
+        try:
+            for i, c in enumerate(clients):
+                c.settimeout(WAIT)
+                msg = b"%d:" % i + os.urandom(1000 * i + 1)
+                c.sendto(msg, ("127.0.0.1", port))
+                assert c.recvfrom(70000) == (msg, ("127.0.0.1", port))
+        finally:
+            for c in clients:
+                c.close()
+        p.send_signal(sig)
+        assert p.wait(WAIT) == 0
+        assert "Traceback" not in err.read_rest()
+    finally:
+        stop_child(p, signal.SIGKILL)
+
+
+def test_cli_udp_echo_trace_shows_recvfrom_and_sendto():
+    """--trace prints each datagram read (size and sender) and each send."""
+    p = spawn_py(["-m", "goev", "echo", "--udp", "127.0.0.1:0", "--trace"])
+    try:
+        err = _Pipe(p.stderr)
+        line = err.readline()
+        while "echo (UDP) server on" not in line:
+            line = err.readline()
+            assert line, "no banner"
+        port = int(re.search(r"'127\.0\.0\.1', (\d+)\)", line).group(1))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+            c.settimeout(WAIT)
+            c.sendto(b"ping", ("127.0.0.1", port))
+            assert c.recvfrom(100)[0] == b"ping"
+            me = ("127.0.0.1", c.getsockname()[1])
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(WAIT) == 0
+        rest = err.read_rest()
+        assert "recvfrom -> 4 bytes from %r" % (me,) in rest, rest
+        assert "sendto(%r) 4 bytes -> 4 sent" % (me,) in rest, rest
+    finally:
+        stop_child(p, signal.SIGKILL)
+
+
+def test_cli_udp_port_in_use_and_tcp_only_options():
+    """A UDP port in use, and --workers/--tls-cert with --udp: exit 2, no traceback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        _assert_one_line_exit_2(run_py(["-m", "goev", "echo", "--udp", "127.0.0.1:%d" % port]), str(port))
+    res = run_py(["-m", "goev", "echo", "--udp", "127.0.0.1:0", "--workers", "2"])
+    assert res.returncode == 2 and "--workers is for TCP" in res.stderr and "Traceback" not in res.stderr
+
+
 # =============================================================================
 # Examples: every program in examples/, with its real clients
 # =============================================================================
@@ -10106,10 +10498,6 @@ def assert_clean_exit(proc):
     assert code == 0, "exit code %r, stderr:\n%s" % (code, err)
     assert "Traceback" not in err, err
     return out, err
-
-
-
-
 
 
 def echo_roundtrip(port, data):
@@ -10671,6 +11059,7 @@ LISTENERS = {
     "echo.py": ["{}"], "http_hello.py": ["{}"], "reuseport.py": ["{}"], "async_http.py": ["{}"],
     "kv.py": ["{}"], "websocket.py": ["{}"], "tcp_proxy.py": ["{}", "127.0.0.1:1"],
     "download.py": ["{}", os.path.join(HERE, "README.md")], "threads_baseline.py": ["echo", "{}"],
+    "dns.py": ["{}"],
 }
 
 
@@ -10736,6 +11125,10 @@ BAD_EXAMPLE_ARGS = [
     (["threads_baseline.py", "echo", "8080"], "expected HOST:PORT"),
     (["threads_baseline.py", "ftp", "127.0.0.1:0"], "invalid choice: 'ftp'"),
     (["timers.py", "now"], "unrecognized arguments: now"),
+    (["dns.py", "8080"], "has no port"),
+    (["dns.py", "--udp-size", "100", "127.0.0.1:0"], "--udp-size must be 512..65535"),
+    (["dns.py", "--zone", "/nonexistent/zone", "127.0.0.1:0"], "No such file"),
+    (["dns.py", "--zone", "README.md", "127.0.0.1:0"], "this server knows A, AAAA and TXT"),
 ]
 
 
@@ -11357,8 +11750,6 @@ def test_kv_redis_benchmark(backend, npollers):
 MiB = 1 << 20
 
 
-
-
 def reset_peak_rss(pid):
     """Make VmHWM start again from the current VmRSS (Linux >= 4.0; our own child).
     Where that is refused the peak keeps counting from the start: a stricter test."""
@@ -11802,6 +12193,118 @@ def test_async_http_malformed_input_never_prints_a_traceback(backend):
             f = s.makefile("rb")
             assert read_response(f)[::2] == (200, b"/after")
             f.close()
+
+
+def dns_name(name):
+    return b"".join(bytes([len(p)]) + p.encode() for p in name.split(".") if p) + b"\0"
+
+
+def dns_query(name, qtype=1, qid=0x1234, edns=None, version=0):
+    """A query for ``name``; ``edns``: the payload size of an OPT record to add."""
+    q = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 1 if edns else 0) + dns_name(name) + struct.pack("!HH", qtype, 1)
+    if edns:
+        q += b"\0" + struct.pack("!HHIH", 41, edns, version << 16, 0)
+    return q
+
+
+def dns_exchange(port, packet, timeout=WAIT):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.sendto(packet, ("127.0.0.1", port))
+        return s.recv(65535)
+
+
+def dig(port, *args):
+    return run_tool([need_tool("dig"), "@127.0.0.1", "-p", str(port), "+tries=1", "+time=%d" % WAIT]
+                    + list(args)).decode()
+
+
+def test_dns_example_answers_dig(backend):
+    """dig's A, AAAA and TXT questions get the built-in zone's records; an
+    unknown name is NXDOMAIN; over 512 bytes without EDNS the answer is
+    truncated (TC) and dig gets it over TCP; with EDNS the server offers its
+    payload size and answers in full over UDP."""
+    with Example("dns.py", backend) as ex:
+        assert dig(ex.port, "goev.test", "A", "+short") == "127.0.0.1\n"
+        assert dig(ex.port, "GOEV.test", "AAAA", "+short") == "::1\n"
+        assert dig(ex.port, "goev.test", "TXT", "+short") == '"goev.py: a reactor in one file"\n'
+        out = dig(ex.port, "nothing.goev.test", "A")
+        assert "status: NXDOMAIN" in out and "flags: qr aa rd;" in out, out
+        out = dig(ex.port, "big.goev.test", "TXT", "+noedns", "+ignore")
+        assert "flags: qr aa tc rd;" in out and "ANSWER: 0" in out, out
+        out = dig(ex.port, "big.goev.test", "TXT", "+noedns")
+        assert "Truncated, retrying in TCP mode" in out and "ANSWER: 10," in out, out
+        out = dig(ex.port, "big.goev.test", "TXT")
+        assert "udp: 1232" in out and "ANSWER: 10," in out and "Truncated" not in out, out
+
+
+def test_dns_example_wire_format_details(backend):
+    """Answers point at the question's name (compression), the question comes
+    back as sent, EDNS version 1 gets BADVERS, and a name without records of the
+    asked type is an empty NOERROR."""
+    with Example("dns.py", backend) as ex:
+        reply = dns_exchange(ex.port, dns_query("GoEv.TEST", 1, qid=7))
+        qid, flags, qd, an, ns, ar = struct.unpack("!HHHHHH", reply[:12])
+        assert (qid, flags & 0x8F, qd, an, ns, ar) == (7, 0, 1, 1, 0, 0)
+        assert flags & 0x8400 == 0x8400                       # QR, AA
+        question = dns_name("GoEv.TEST") + struct.pack("!HH", 1, 1)
+        assert reply[12:12 + len(question)] == question
+        assert reply[12 + len(question):] == b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 300, 4) + bytes([127, 0, 0, 1])
+        reply = dns_exchange(ex.port, dns_query("goev.test", 1, edns=4096, version=1))
+        assert reply[3] & 0xF == 0 and reply[-10:-8] == b"\x00\x29" and reply[-6] == 1   # OPT, BADVERS (16 >> 4)
+        reply = dns_exchange(ex.port, dns_query("goev.test", 15))                 # MX: none
+        assert reply[3] & 0xF == 0 and struct.unpack("!H", reply[6:8])[0] == 0
+
+
+MALFORMED_DNS = {
+    "compression loop": struct.pack("!HHHHHH", 1, 0, 1, 0, 0, 0) + b"\xc0\x0c" + b"\0\1\0\1",
+    "pointer forwards": struct.pack("!HHHHHH", 1, 0, 1, 0, 0, 0) + b"\xc0\x20" + b"\0\1\0\1" + bytes(30),
+    "reserved label type": struct.pack("!HHHHHH", 1, 0, 1, 0, 0, 0) + b"\x44goev\0\0\1\0\1",
+    "no question": struct.pack("!HHHHHH", 1, 0, 0, 0, 0, 0),
+    "two questions": struct.pack("!HHHHHH", 1, 0, 2, 0, 0, 0) + (dns_name("goev.test") + b"\0\1\0\1") * 2,
+    "name over 255 bytes": struct.pack("!HHHHHH", 1, 0, 1, 0, 0, 0) + (b"\x3f" + b"a" * 63) * 4 + b"\0\0\1\0\1",
+    "question cut short": struct.pack("!HHHHHH", 1, 0, 1, 0, 0, 0) + dns_name("goev.test") + b"\0",
+    "label past the end": struct.pack("!HHHHHH", 1, 0, 1, 0, 0, 0) + b"\x20goev",
+    "additional record cut": dns_query("goev.test") [:-3],
+}
+
+
+def test_dns_example_malformed_queries_get_formerr_and_short_packets_are_dropped(backend):
+    """Each malformed query gets FORMERR with its ID; a packet shorter than the
+    header (no ID to answer) and a response are dropped, which the next real
+    query's answer shows (it is the first thing that comes back); the server
+    prints no traceback (checked at its exit)."""
+    with Example("dns.py", backend) as ex:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(WAIT)
+            for i, (what, packet) in enumerate(sorted(MALFORMED_DNS.items())):
+                packet = struct.pack("!H", 100 + i) + packet[2:]
+                s.sendto(packet, ("127.0.0.1", ex.port))
+                reply = s.recv(65535)
+                assert reply[:2] == struct.pack("!H", 100 + i), what
+                assert reply[2] & 0x80 and reply[3] & 0xF == 1, (what, reply)       # QR, FORMERR
+            s.sendto(b"\x12\x34\x01", ("127.0.0.1", ex.port))                      # 3 bytes: dropped
+            s.sendto(b"", ("127.0.0.1", ex.port))                                  # empty: dropped
+            s.sendto(dns_query("goev.test", qid=9)[:2] + b"\x81\x00" + dns_query("goev.test")[4:],
+                     ("127.0.0.1", ex.port))                                       # a response: dropped
+            s.sendto(dns_query("goev.test", qid=42), ("127.0.0.1", ex.port))
+            assert s.recv(65535)[:2] == struct.pack("!H", 42)
+
+
+def test_dns_example_serves_a_zone_file(backend, tmp_path):
+    """--zone FILE: NAME [TTL] TYPE VALUE lines, comments, several strings in a TXT."""
+    zone = tmp_path / "zone.txt"
+    zone.write_text("# a test zone\n"
+                    "a.example 60 A 10.1.2.3\n"
+                    "a.example AAAA 2001:db8::1   # trailing comment\n"
+                    'a.example TXT "one string" "two"\n')
+    with Example("dns.py", backend, "--zone", str(zone)) as ex:
+        assert dig(ex.port, "a.example", "A", "+short") == "10.1.2.3\n"
+        assert dig(ex.port, "a.example", "AAAA", "+short") == "2001:db8::1\n"
+        assert dig(ex.port, "a.example", "TXT", "+short") == '"one string" "two"\n'
+        out = dig(ex.port, "a.example", "A", "+noall", "+answer")
+        assert "\t60\tIN\tA\t10.1.2.3" in out, out
+        assert "NXDOMAIN" in dig(ex.port, "goev.test", "A")
 
 
 # =============================================================================
@@ -12413,7 +12916,6 @@ def test_readme_python_blocks_run():
             assert r.returncode == 0, (src, r.stderr)
 
 
-
 # =============================================================================
 # Scale (slow; run by .ci/run)
 # =============================================================================
@@ -12429,8 +12931,6 @@ signal.signal(signal.SIGTERM, lambda *_: r.stop())
 print(a.address[1], flush=True)
 r.run()
 """
-
-
 
 
 @pytest.mark.slow

@@ -264,7 +264,7 @@ def write_section(table, args):
         "",
         "Both servers: one thread, the same self-signed ECDSA P-256 certificate, a default "
         "`SSLContext(PROTOCOL_TLS_SERVER)` (TLS 1.3).  goev is `python -m goev echo --tls-cert/--tls-key` "
-        "(SSLObject over memory BIOs, section 11 of goev.py); asyncio is an `asyncio.Protocol` echo on "
+        "(SSLObject over memory BIOs, section 13 of goev.py); asyncio is an `asyncio.Protocol` echo on "
         "`loop.create_server(ssl=ctx)` (also SSLObject over memory BIOs, in asyncio/sslproto.py).  "
         "Handshakes come from `openssl s_time -new` (full handshakes, one at a time); the echo load "
         "from a goev TLS client process (the same for both).  µs/op is the server process's user + "
