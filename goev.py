@@ -2689,6 +2689,16 @@ def _new_handler(factory: Callable[[], IOHandle], who: Any) -> Optional[IOHandle
         return None
 
 
+def _open_failed(h: IOHandle, e: Exception, what: str) -> None:
+    """Log why a new handler could not open.  A stop that came first -- a
+    signal handler calling stop() while a batch of accepts is being opened --
+    is no error: add_handler's "reactor is stopped" is logged at DEBUG."""
+    if isinstance(e, RuntimeError) and h.reactor is not None and h.reactor.pollers[0]._state >= _STOPPING:
+        _log.debug(what + ": the reactor is stopping", _safe_repr(h))
+    else:
+        _log.exception(what, _safe_repr(h))
+
+
 def _open_handler(h: IOHandle) -> None:
     """Call on_open; on False or an exception the handler is closed (on_close
     once).  A handler that on_open left open and registered nowhere is
@@ -2696,14 +2706,14 @@ def _open_handler(h: IOHandle) -> None:
     in the callback that accepted or connected (Acceptor.on_read, say)."""
     try:
         ok = h.on_open()
-    except Exception:
-        _log.exception("exception in on_open of %s", _safe_repr(h))
+    except Exception as e:
+        _open_failed(h, e, "exception in on_open of %s")
         ok = False
     if ok is not False and h.poller is None and h._state == _OPEN:
         try:
             h.reactor.add_handler(h, h.fd, EV_IN)
-        except Exception:
-            _log.exception("cannot register %s after its on_open", _safe_repr(h))
+        except Exception as e:
+            _open_failed(h, e, "cannot register %s after its on_open")
             ok = False
     if ok is False:
         if h._state != _CLOSED:

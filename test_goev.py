@@ -3133,6 +3133,32 @@ def test_on_data_and_on_read_in_one_class_is_a_type_error():
                 return True
 
 
+def test_stop_just_before_a_new_connection_registers_is_not_an_error(make_reactor, goev_log):
+    """A stop that lands between an accept and the handler's registration (a
+    signal handler calling stop() mid-batch, here stop() in on_open) makes
+    add_handler refuse; the handler is closed (on_close once, fd closed) and
+    nothing is logged as an error."""
+    closes = []
+
+    class StopThenRegister(goev.IOHandle):
+        def on_open(self):
+            self.reactor.stop()                 # from the poller: returns at once
+            return super().on_open()            # add_handler: "reactor is stopped"
+
+        def on_close(self):
+            closes.append(self.fd)
+            self.destroy()
+
+    r = make_reactor(1)
+    a = goev.Acceptor(r, "127.0.0.1:0", StopThenRegister)
+    r.start()
+    with socket.create_connection(a.address, timeout=WAIT) as c:
+        assert recv_all(c) == b""              # closed by the server
+    r.stop(timeout=WAIT)
+    assert r.stopped and len(closes) == 1
+    assert goev_log.errors() == []
+
+
 def test_on_data_edge_triggered_reads_until_nothing_is_left(make_reactor):
     """An on_data handler registered edge-triggered (EV_ET) gets every byte:
     goev reads until read() says None, as EV_ET requires (with a 4 KiB read
