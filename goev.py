@@ -170,7 +170,7 @@ _MAX_READ = 0x7FFFF000          # the most one Linux read() returns: a larger bu
 _DRAIN_POLL = 0.01              # seconds between a shutdown's checks that a poller is empty
 _CLOSE_WAIT_POLL = 0.05         # Acceptor.close from another thread: how often it checks
                                 # whether the poller shut down (and so closed it) meanwhile
-_CANCEL_LOG_TRIM = 4096         # counted cancels kept before the log is trimmed (see _timeout)
+_CANCEL_LOG_TRIM = 4096         # counted cancels kept before the counts are rebased (see _timeout)
 _DRAIN_CHUNK = 4096             # bytes per read when emptying a waker or the signal socket
 _UNIX_PATH_MAX = 107            # sockaddr_un.sun_path is 108 bytes, its NUL included
 _COMPACT_MIN = 64               # lazily cancelled timers tolerated before compaction is considered
@@ -231,8 +231,8 @@ class _Lock:
     """
     __slots__ = ("_lock",)
 
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
+    def __init__(self, lock: Any = None) -> None:
+        self._lock = lock or threading.RLock()    # (lock: a given RLock, counted here)
 
     def __enter__(self) -> None:
         _held.n = getattr(_held, "n", 0) + 1
@@ -246,8 +246,6 @@ class _Lock:
 def _locks_held() -> int:
     return getattr(_held, "n", 0)
 
-
-_DROP_LOCK = _Lock()            # counts async writes dropped after a poller stopped (rare path)
 
 
 def _check_port(port: Any, addr: Any) -> int:
@@ -364,8 +362,13 @@ def _check_pollers(pollers: Any) -> int:
     GIL, none beyond one; processes -- serve(workers=N) -- use the cores).
     Raises TypeError/ValueError; a count above the bound is
     refused at once, with the reason, instead of failing on EMFILE after
-    thousands of threads."""
-    _check_int("pollers", pollers, 1)
+    thousands of threads.  ``"auto"`` is one poller per core this process may
+    run on when the GIL is off (free-threaded CPython: pollers run Python in
+    parallel) and 1 under the GIL (extra pollers only add contention there),
+    within the same bound; returns the count."""
+    auto = isinstance(pollers, str) and pollers == "auto"
+    if not auto:
+        _check_int("pollers", pollers, 1)
     cpus = os.cpu_count() or 1
     most = max(64, 16 * cpus)
     why = ("each poller is a thread, and threads beyond the cores add no speed (under the GIL, "
@@ -381,6 +384,14 @@ def _check_pollers(pollers: Any) -> int:
         why = ("each poller holds fds of its own (epoll, waker, a listener) and this process may "
                "open %d fds (RLIMIT_NOFILE, `ulimit -n`), most of them for connections: an eighth "
                "at most for pollers" % nofile)
+    if auto:
+        if getattr(sys, "_is_gil_enabled", lambda: True)():
+            return 1
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):         # pragma: no cover - not Linux
+            cores = cpus
+        return max(1, min(cores, most))
     if pollers > most:
         raise ValueError("pollers=%d is too many: at most %d here (%s)" % (pollers, most, why))
     return pollers
@@ -726,10 +737,17 @@ class Timer(list):
         another thread a callback the poller has already started (it is due right
         now) may still be running; any later one will not start."""
         if self[2] is not None:
-            self[2] = self[3] = None          # fn first: the poller reads args first
-            # Counted for compaction (see _Poller._timers_dead).  list.append is
-            # atomic, so any thread counts without a lock or a post to the poller.
-            self[4]._cancels.append(None)
+            p = self[4]
+            # Counted for compaction (see _Poller._timers_dead): the poller's
+            # thread in its own counter, any other under the poller's lock.
+            if p._mine._is_owned():
+                self[2] = self[3] = None      # (the poller skips an entry with either None)
+                p._cancels += 1
+                return
+            with p._lock:
+                if self[2] is not None:       # two threads racing: one counts
+                    self[2] = self[3] = None
+                    p._cancels_elsewhere += 1
 
     @property
     def cancelled(self) -> bool:
@@ -1234,7 +1252,8 @@ class IOHandle:
             except OSError:     # closed behind goev's back (EBADF) or already gone (ENOENT)
                 pass
         if p._handlers.get(self.fd) is self:
-            del p._handlers[self.fd]
+            with p._rlock:                 # (writes to _handlers: see _Poller._rlock)
+                del p._handlers[self.fd]
 
     def _detach(self) -> socket.socket:
         """Leave the poller without closing the socket and return it: how the
@@ -1610,12 +1629,23 @@ class _Poller:
         self._handlers: dict = {}           # fd -> IOHandle
         self._closing: list = []            # handlers closed this step: on_close pending
         self._timers: list = []             # the 4-ary heap of Timers (section 5)
-        self._cancels: list = []            # one item per Timer.cancel(), any thread (append is atomic)
+        self._cancels = 0                   # Timer.cancel()s made on this poller's thread
+        self._cancels_elsewhere = 0         # ... and on other threads (under _lock)
         self._timers_gone = 0               # cancelled entries that have left the heap (poller thread)
         self._seq = 0
         self._inbox: collections.deque = collections.deque()
         self._wake_pending = False          # the waker is written and not yet drained
         self._state = _NEW                  # the life cycle: see "A poller's life cycle"
+        self._stop_asked = False            # stop() was called: see _advance
+        # Guards the inbox, the wake flag, every store to _state, the foreign
+        # cancel count, the drop count of a stopped poller and every write to
+        # _handlers (see "Threads and shared state" in section 7).  Counted
+        # (_Lock) on any thread: a signal handler may post while its thread
+        # holds it.  The poller's own thread takes the same RLock uncounted
+        # (_rlock, a C call, no frame): a stop() from a signal handler there
+        # never waits anyway (it runs on a poller's own thread).
+        self._rlock = threading.RLock()
+        self._lock = _Lock(self._rlock)
         # Held by whichever thread runs this poller's code: its loop thread while
         # _run runs, or the thread that closes a poller that has no loop running
         # (Reactor._join).  ``p._mine._is_owned()`` is the one test of "am I on
@@ -1644,19 +1674,30 @@ class _Poller:
     # -- the life cycle and the thread rules ----------------------------------------
 
     def _advance(self, state: int) -> None:
-        """Move the life cycle forward to ``state`` (never back).  A plain
-        compare and store: stop() does this from a signal handler, which can
-        take no lock; see Reactor.stop for why no transition is lost."""
-        if self._state < state:
-            self._state = state
+        """Move the life cycle forward to ``state`` (never back); any thread.
+
+        Under ``_lock``, so two threads cannot interleave their compare and
+        store (a stale RUNNING read, then a store of STOPPING over DONE).  The
+        lock is reentrant, so a signal handler's stop() on a thread that is
+        inside this very compare-and-store also gets in; that outer call may
+        then store its older target over the handler's STOPPING.  stop() sets
+        ``_stop_asked`` before it advances, and the last test below runs after
+        the outer store: whichever of the two finishes last leaves STOPPING."""
+        with self._lock:
+            if self._state < state:
+                self._state = state
+            if self._stop_asked and self._state < _STOPPING:
+                self._state = _STOPPING
 
     def _foreign(self) -> bool:
         """Must a control call (close, abort, shutdown_write, event changes)
         made on this thread be posted to this poller?  Yes from any other
-        thread while a loop may run: RUNNING or STOPPING.  Before start() there
-        is no loop to race; once the poller is CLOSING it closes every handler
-        itself and drops late posts, so such calls act directly."""
-        return not self._mine._is_owned() and (self._state == _RUNNING or self._state == _STOPPING)
+        thread from start() until the poller is DONE: while it is CLOSING it
+        is closing its handlers itself, so a direct close would race it (a
+        late post is drained or dropped; the handler is closed either way).
+        Before start() there is no loop to race; once DONE every handler is
+        closed and the call finds nothing to do."""
+        return not self._mine._is_owned() and _NEW < self._state < _DONE
 
     def _direct(self) -> bool:
         """May the calling thread touch its handlers' data (the send queue, the
@@ -1699,14 +1740,17 @@ class _Poller:
 
     def _post(self, fn: Callable, *args: Any) -> None:
         """Queue ``fn(*args)`` for this poller's thread; any thread, and signal handlers."""
-        self._inbox.append((fn, args))
-        if not self._wake_pending:
+        with self._lock:
+            self._inbox.append((fn, args))
+            wake = not self._wake_pending
             self._wake_pending = True
+            done = self._state == _DONE
+        if done:                                # (see "No lost wake-up")
+            self._drop_inbox()
+        elif wake:
             if self._observer is not None:      # (first: the poller may print next)
                 self._observer.posted(fn)
             self._waker.wake()
-        if self._state == _DONE:
-            self._drop_inbox()
 
     @property
     def wakeups(self) -> int:
@@ -1716,27 +1760,35 @@ class _Poller:
     def _drop_inbox(self) -> None:
         """Drop queued work that will never run (the poller has stopped); the bytes
         of dropped async writes are counted in their handler's ``dropped_bytes``.
-        Any thread; the lock serializes the counting among dropping threads."""
+        Any thread; ``_lock`` serializes the counting among dropping threads."""
         inbox = self._inbox
-        with _DROP_LOCK:
+        late = []
+        with self._lock:
             while True:
                 try:
                     fn, args = inbox.popleft()
                 except IndexError:
-                    return
-                if getattr(fn, "__func__", None) is IOHandle._write_posted:
+                    break
+                f = getattr(fn, "__func__", None)
+                if f is IOHandle._write_posted:
                     fn.__self__.dropped_bytes += len(args[0])
+                elif f is _Poller._add_posted:
+                    late.append(args[0])
+        for h in late:          # a registration that came too late: nobody will own it
+            h.poller = None     # type: ignore[assignment]  # so close it here (on_close)
+            h._close_now()
 
     def _drain_inbox(self, limit: int = _INBOX_BATCH) -> None:
         """Run up to ``limit`` posted items, the oldest first (poller thread)."""
-        self._wake_pending = False
         inbox = self._inbox
+        with self._lock:                    # the flag down, then the batch: see above
+            self._wake_pending = False
+            n = min(len(inbox), limit)
+            batch = [inbox.popleft() for _ in range(n)]
         obs = self._observer
-        n = min(len(inbox), limit)
         if obs is not None and n:
             obs.draining(n)
-        for _ in range(n):
-            fn, args = inbox.popleft()
+        for i, (fn, args) in enumerate(batch):
             try:
                 if obs is None:
                     fn(*args)
@@ -1744,12 +1796,15 @@ class _Poller:
                     obs.run(fn, args)
             except Exception:
                 _log.exception("exception in posted callback %s", _safe_repr(fn))
+            except BaseException:           # KeyboardInterrupt/SystemExit: the rest of the
+                with self._lock:            # batch goes back, first in line, for the next run
+                    inbox.extendleft(reversed(batch[i + 1:]))
+                raise
 
     # -- timers -------------------------------------------------------------------
     # The heap belongs to the poller thread.  Other threads post their pushes
-    # through the inbox (a cancel only clears the Timer and appends to
-    # _cancels); before the reactor has started no loop runs, so any thread
-    # may push directly.
+    # through the inbox (a cancel only clears the Timer and counts it); before
+    # the reactor has started no loop runs, so any thread may push directly.
 
     def _call_at(self, when: float, interval: float, fn: Callable, args: tuple) -> Timer:
         """A Timer for ``fn(*args)`` at monotonic ``when``, then every ``interval``
@@ -1782,7 +1837,7 @@ class _Poller:
         Exact, except that a cancel from another thread racing the very firing of
         a one-shot counts a timer that never stays in the heap (harmless: the
         next compaction comes a little early)."""
-        return len(self._cancels) - self._timers_gone
+        return self._cancels + self._cancels_elsewhere - self._timers_gone
 
     def call_later(self, delay_s: float, fn: Callable, *args: Any) -> Timer:
         """Run ``fn(*args)`` on this poller's thread after ``delay_s`` seconds (>= 0;
@@ -1823,9 +1878,11 @@ class _Poller:
         t = None
         try:
             for t in it:
-                args = t[3]                    # args first: cancel() clears fn first
                 fn = t[2]
-                if fn is None:                 # cancelled (perhaps by an earlier timer)
+                args = t[3]
+                # Cancelled (perhaps by an earlier timer, or right now on another
+                # thread, which clears both: seeing either cleared is enough).
+                if fn is None or args is None:
                     self._timers_gone += 1
                     continue
                 periodic = t[5]
@@ -1913,8 +1970,8 @@ class _Poller:
         if dead > _COMPACT_MIN and dead * 2 > len(heap):
             self._compact()
         gone = self._timers_gone
-        if gone > _CANCEL_LOG_TRIM:              # keep the cancel log short: drop what
-            del self._cancels[:gone]             # both sides have counted
+        if gone > _CANCEL_LOG_TRIM:              # keep the counts small: subtract what
+            self._cancels -= gone                # both sides have counted
             self._timers_gone = 0
         if self._inbox or self._closing:
             return 0.0
@@ -1937,14 +1994,18 @@ class _Poller:
 
     def _add(self, h: IOHandle, fd: int, events: int) -> None:
         """Register ``h`` for ``events`` (EV_IN/EV_OUT/EV_ET).  Thread: see Reactor.add_handler."""
-        if self._state >= _STOPPING:
-            raise RuntimeError("the reactor is stopping; cannot add %s" % _safe_repr(h))
-        old = self._handlers.get(fd)
-        if old is not None and old is not h:
-            raise ValueError("fd %d is already registered to %s" % (fd, _safe_repr(old)))
-        h.poller = self
-        h._user = events & _EV_ALL
-        self._handlers[fd] = h
+        # Any thread with epoll (Reactor.add_handler): the test of the state
+        # and the insert under the lock, so no insert follows _close_all's.
+        lock = self._rlock if self._mine._is_owned() else self._lock
+        with lock:
+            if self._state >= _STOPPING:
+                raise RuntimeError("the reactor is stopping; cannot add %s" % _safe_repr(h))
+            old = self._handlers.get(fd)
+            if old is not None and old is not h:
+                raise ValueError("fd %d is already registered to %s" % (fd, _safe_repr(old)))
+            h.poller = self
+            h._user = events & _EV_ALL
+            self._handlers[fd] = h
         if self._observer is not None:
             self._observer.added(h, fd, events)
         try:
@@ -1961,7 +2022,8 @@ class _Poller:
                 h._update()
         except BaseException:
             h._mask = 0
-            del self._handlers[fd]
+            with lock:
+                del self._handlers[fd]
             h.poller = None                   # type: ignore[assignment]  # registered nowhere again
             raise
         if h.error is not None:               # a write in on_open already failed: peer gone
@@ -1985,7 +2047,8 @@ class _Poller:
         sig = self._sig
         if fd == self._waker.fd:
             self._waker.drain()
-            self._wake_pending = False      # after the drain: see "No lost wake-up"
+            with self._lock:                # after the drain: see "No lost wake-up"
+                self._wake_pending = False
             what = "waker readable (drained)"
         elif sig is not None and fd == sig[0].fileno():
             try:
@@ -2113,7 +2176,6 @@ class _Poller:
         closing = self._closing
         timers = self._timers
         inbox = self._inbox
-        cancels = self._cancels
         obs = self._observer            # trace or watchdog (section 7's hooks); None: neither
         readv = self._readv
         rlist = self._rlist
@@ -2123,7 +2185,7 @@ class _Poller:
         while self._state == _RUNNING:
             # With no timer, no posted work and nothing closing, sleep until an
             # event (skip _timeout: the common case of a busy I/O server).
-            events = poll(self._timeout() if timers or inbox or closing or cancels else -1.0)
+            events = poll(self._timeout() if timers or inbox or closing else -1.0)
             if timers:
                 now = _monotonic()              # the pass's clock: now_ms, and which timers are due
                 self.now_ms = int(now * 1000)
@@ -2204,9 +2266,10 @@ class _Poller:
         """Shut down (CLOSING, then DONE): every handler gets on_close once,
         every fd is closed.  Idempotent.  On the poller's thread, or on a thread
         holding ``_mine`` while no loop runs (Reactor._join)."""
-        if self._state >= _CLOSING_ALL:
-            return
-        self._state = _CLOSING_ALL
+        with self._lock:
+            if self._state >= _CLOSING_ALL:
+                return
+            self._state = _CLOSING_ALL
         # A KeyboardInterrupt/SystemExit from an on_close (or posted work) comes
         # out once the shutdown is complete: the steps run again -- handlers
         # already closed are skipped, so each pass gets past the one that raised.
@@ -2239,14 +2302,17 @@ class _Poller:
         for t in self._timers:
             t[2] = t[3] = None
         self._timers.clear()
-        self._cancels.clear()
-        self._timers_gone = 0
+        self._cancels = self._timers_gone = 0
+        with self._lock:
+            self._cancels_elsewhere = 0
         self._backend.close()
         self._waker.close()
-        self._handlers.clear()
+        with self._lock:
+            self._handlers.clear()
         # DONE: from here on producers drop what they post (see _post); what
         # was posted since the drain above is dropped now, async writes counted.
-        self._state = _DONE
+        with self._lock:
+            self._state = _DONE
         self._drop_inbox()
 
     def _drain_for_stop(self) -> None:
@@ -2271,7 +2337,8 @@ class Reactor:
     """N pollers (event loops on threads) and the handlers placed on them.
 
     Parameters: ``pollers`` (>= 1, and at most what the fd limit and the
-    cores make sensible: see _check_pollers), ``backend`` ("auto", "epoll", "selectors";
+    cores make sensible: see _check_pollers; ``"auto"``: one per core when
+    the GIL is off, 1 under the GIL), ``backend`` ("auto", "epoll", "selectors";
     auto honours the GOEV_BACKEND environment variable), ``read_buffer_size``
     (bytes of each poller's shared read buffer, 1 .. 0x7ffff000),
     ``trace`` (print every loop step to stderr; None: on if the GOEV_TRACE
@@ -2284,10 +2351,10 @@ class Reactor:
     be sure it is stopped.
     """
 
-    def __init__(self, pollers: int = 1, *, backend: str = "auto",
+    def __init__(self, pollers: Union[int, str] = 1, *, backend: str = "auto",
                  read_buffer_size: int = DEFAULT_READ_BUFFER, trace: Optional[bool] = None,
                  slow_callback_ms: Optional[float] = None) -> None:
-        _check_pollers(pollers)
+        pollers = _check_pollers(pollers)
         _check_int("read_buffer_size", read_buffer_size, 1, _MAX_READ)
         backend_cls = _pick_backend(backend)
         if trace is None:
@@ -2368,6 +2435,8 @@ class Reactor:
             handler.fd = fd
         # Direct unless another thread's poller may already sleep in select(): a
         # selector does not see a registration made meanwhile, so post it.
+        # (epoll from another thread: _add's lock; the poller sees the fd's
+        # events only after the epoll_ctl that follows the insert.)
         if p._backend.threadsafe_ctl or p._direct():
             p._add(handler, fd, events)
         else:
@@ -2572,6 +2641,8 @@ class Reactor:
         # start()'s NEW -> RUNNING (which must not overwrite it).  A signal
         # handler that interrupted a goev lock on this thread cannot take it;
         # there the interrupted code is on this very thread, between bytecodes.
+        for p in self.pollers:
+            p._stop_asked = True          # first: see _Poller._advance
         if _locks_held():
             for p in self.pollers:
                 p._advance(_STOPPING)
@@ -4254,6 +4325,10 @@ class ConnectPool:
         self._pending: set = set()                # members whose connect is in flight
         self._failing = False                     # the last connect failed: timer-only retries
         self._closed = False
+        # Guards the three collections above: acquire/release come from any
+        # thread, and members report from their own pollers' threads -- also
+        # while the reactor shuts down, when poller 0 may be gone already.
+        self._lock = _Lock()
         self._poller = connector.reactor.pollers[0]
         self._timer = self._poller._call_at(_monotonic(), ki / 1000.0, self._keep, ())
 
@@ -4274,12 +4349,13 @@ class ConnectPool:
     def acquire(self) -> Optional[IOHandle]:
         """An open idle handler, or None (a refill is then triggered).  Any thread."""
         while True:
-            try:
-                h = self._idle.popleft()
-            except IndexError:
+            with self._lock:
+                h = self._idle.popleft() if self._idle else None
+                low = len(self._idle) < self.min_idle
+            if h is None:
                 break
             if not h.closed:                      # a closed one is dropped (it left _members)
-                if len(self._idle) < self.min_idle and not self._failing:
+                if low and not self._failing:
                     self._poller._post(self._keep)
                 return h
         if not self._closed and not self._failing:
@@ -4292,13 +4368,14 @@ class ConnectPool:
         already idle.  Any thread."""
         if getattr(h, "_watcher", None) is not self:
             raise ValueError("%s does not belong to %r" % (_safe_repr(h), self))
-        if self._closed or h.closed:
-            if self._closed:
-                h.close()
-            return
-        if h in self._idle:
-            raise ValueError("%s is already released to %r" % (_safe_repr(h), self))
-        self._idle.append(h)
+        with self._lock:
+            if not (self._closed or h.closed):
+                if h in self._idle:
+                    raise ValueError("%s is already released to %r" % (_safe_repr(h), self))
+                self._idle.append(h)
+                return
+        if self._closed:
+            h.close()
 
     def close(self) -> None:
         """Close every pooled connection and stop maintenance.  Any thread."""
@@ -4306,8 +4383,10 @@ class ConnectPool:
             return
         self._closed = True
         self._timer.cancel()
-        self._idle.clear()
-        for h in list(self._members):
+        with self._lock:
+            self._idle.clear()
+            members = list(self._members)
+        for h in members:
             # Only open ones: closing a handler whose connect is in flight would
             # run its on_close before any on_open, and the socket that connects
             # later would be orphaned.  Those are closed on "opened" instead.
@@ -4318,9 +4397,10 @@ class ConnectPool:
         """Top the pool up (poller 0's thread)."""
         if self._closed:
             return False
-        live = self.live
-        idle = len(self._idle)
-        pending = len(self._pending)
+        with self._lock:
+            live = self.live
+            idle = len(self._idle)
+            pending = len(self._pending)
         if idle < self.min_idle and not pending:
             n = self.min_idle if live == 0 else self.add_step
             for _ in range(min(n, self.max_live - live)):
@@ -4333,13 +4413,13 @@ class ConnectPool:
         if h is None:
             return False
         h._watcher = self
-        self._members.add(h)
-        self._pending.add(h)
+        with self._lock:
+            self._members.add(h)
+            self._pending.add(h)
         try:
             self.connector.connect(self.addr, h, self.connect_timeout_ms)
         except Exception as e:
-            self._pending.discard(h)
-            self._members.discard(h)
+            self._forget(h)
             self._failing = True
             if isinstance(e, OSError):            # e.g. a host name that stopped resolving
                 _log.error("%r: cannot connect: %s", self, e)
@@ -4350,43 +4430,34 @@ class ConnectPool:
 
     # The watcher hook (section 7): each member tells the pool when it opened,
     # failed to connect or closed, from its own poller's thread; the
-    # bookkeeping itself runs on the pool's poller.
-
-    def _here(self, fn: Callable, *args: Any) -> bool:
-        """Post ``fn(*args)`` to the pool's poller unless already on it: True if posted."""
-        if self._poller._foreign():
-            self._poller._post(fn, *args)
-            return True
-        return False
+    # bookkeeping runs there, under the pool's lock (posting it to poller 0
+    # would lose it once that poller has shut down).
 
     def _handler_opened(self, h: IOHandle) -> None:
-        if self._here(self._handler_opened, h):
-            return
-        self._pending.discard(h)
         self._failing = False
+        with self._lock:
+            self._pending.discard(h)
+            if not self._closed and not h.closed and h in self._members:  # (a close came first?)
+                self._idle.append(h)
+                return
         if self._closed:
             h.close()
-        elif not h.closed and h in self._members:     # not closed already (that came first)
-            self._idle.append(h)
 
     def _handler_failed(self, h: IOHandle, err: BaseException) -> None:
-        if self._here(self._handler_failed, h, err):
-            return
         self._failing = True
         self._forget(h)
 
     def _handler_closed(self, h: IOHandle) -> None:
-        if self._here(self._handler_closed, h):
-            return
         self._forget(h)
 
     def _forget(self, h: IOHandle) -> None:
-        self._pending.discard(h)
-        self._members.discard(h)
-        try:
-            self._idle.remove(h)
-        except ValueError:
-            pass
+        with self._lock:
+            self._pending.discard(h)
+            self._members.discard(h)
+            try:
+                self._idle.remove(h)
+            except ValueError:
+                pass
 
 
 # =============================================================================
@@ -4753,13 +4824,13 @@ __all__ += ["serve"]
 
 
 def serve(addr: Union[str, tuple, None], factory: Callable[[], IOHandle], *, workers: int = 1,
-          pollers: int = 1, backend: str = "auto", drain_timeout: float = 10.0, trace: Optional[bool] = None,
+          pollers: Union[int, str] = 1, backend: str = "auto", drain_timeout: float = 10.0, trace: Optional[bool] = None,
           ready: Optional[Callable[[Any], None]] = None, setup: Optional[Callable[[Reactor], None]] = None,
           slow_callback_ms: Optional[float] = None, **acceptor_kw: Any) -> int:
     """Serve ``factory`` handlers on ``addr`` until SIGTERM/SIGINT; returns the exit code (0).
 
     ``workers=1`` serves in this process (``pollers`` threads, one REUSEPORT
-    acceptor per poller when pollers > 1).  ``workers=N`` forks N supervised
+    acceptor per poller when pollers > 1; ``"auto"`` as for Reactor).  ``workers=N`` forks N supervised
     worker processes, each with its own Reactor and its own SO_REUSEPORT
     listener (held by the supervisor across restarts and reloads, so no
     queued connection is ever reset); a worker that dies is restarted (with
@@ -4781,7 +4852,7 @@ def serve(addr: Union[str, tuple, None], factory: Callable[[], IOHandle], *, wor
     Main thread only (it installs signal handlers).
     """
     _check_int("workers", workers, 1)
-    _check_pollers(pollers)
+    pollers = _check_pollers(pollers)
     _check_delay("drain_timeout", drain_timeout)
     if slow_callback_ms is not None:
         _check_delay("slow_callback_ms", slow_callback_ms)
