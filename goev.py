@@ -35,7 +35,14 @@ that accepted or connected, *before* the handler is registered -- so
 register last in it (as the default does): from then on the handler's own
 poller may already be calling ``on_read``.  Under the GIL the pollers give
 concurrency, not parallelism: use ``serve(workers=N)`` (several processes
-sharing a port) to use every core.
+sharing a port) to use every core; there, extra pollers only add contention
+(a CPU-bound handler: 2 pollers did 0.9x the requests of 1, and p99
+latency grew about 4x).  On free-threaded CPython (3.13t/3.14t with the GIL
+off) the pollers run Python in parallel: 2 pollers did 1.6-2x the requests
+of 1 on 2 cores (bench/RESULTS.md), in one process with shared caches.
+``Reactor(pollers="auto")`` picks the core count there and 1 under the GIL.
+Which state threads share, and why each piece is safe without the GIL:
+"Threads and shared state" in section 7.
 
 A learner's path
 ----------------
@@ -231,8 +238,8 @@ class _Lock:
     """
     __slots__ = ("_lock",)
 
-    def __init__(self, lock: Any = None) -> None:
-        self._lock = lock or threading.RLock()    # (lock: a given RLock, counted here)
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
 
     def __enter__(self) -> None:
         _held.n = getattr(_held, "n", 0) + 1
@@ -1252,8 +1259,7 @@ class IOHandle:
             except OSError:     # closed behind goev's back (EBADF) or already gone (ENOENT)
                 pass
         if p._handlers.get(self.fd) is self:
-            with p._rlock:                 # (writes to _handlers: see _Poller._rlock)
-                del p._handlers[self.fd]
+            del p._handlers[self.fd]
 
     def _detach(self) -> socket.socket:
         """Leave the poller without closing the socket and return it: how the
@@ -1496,6 +1502,58 @@ class IOHandle:
 # KeyboardInterrupt and SystemExit pass through (the state stays consistent,
 # so run() may be called again).
 
+# -- Threads and shared state ------------------------------------------------------
+# Everything more than one thread touches, who writes it, and why that is safe
+# without the GIL (free-threaded CPython, PYTHON_GIL=0).  No row rests on a
+# built-in type's own locking (the free-threading HOWTO promises none): a
+# write shared by threads is under a lock; a lock-free read from another
+# thread is allowed only where a stale value is harmless, and the row says why.
+#
+#  state                          written by                  safe because
+#  inbox + _wake_pending          any thread (_post) /        _Poller._lock around append + test-and-set
+#   (_post, _drain_inbox,          the poller (_drain_inbox,   and around clear + take: the two sections
+#    _unowned)                     _unowned: clears)           are ordered, so the consumer's take sees
+#                                                              the item or the producer sees the flag down
+#                                                              and writes the waker (no lost wake-up)
+#  _Poller._state, _stop_asked    start/run/stop (any thread, every store under _lock, test and store
+#                                  signal handlers), the      together (_advance, _close_all); stop()'s
+#                                  poller (CLOSING, DONE)     one-way _stop_asked covers a signal handler
+#                                                              re-entering _advance on its own thread.
+#                                                              Lock-free reads (_direct, _foreign): only
+#                                                              NEW -> RUNNING changes _direct(), and a
+#                                                              thread that learned of the handler after
+#                                                              start() sees RUNNING; a stale _foreign()
+#                                                              only posts what would have been dropped
+#  _Poller._handlers              the poller; add_handler     every write under the poller's RLock (_lock
+#                                  (any thread, epoll)         off it, _rlock on it); the loop's lock-free
+#                                                              lookup is of an fd epoll reported, which it
+#                                                              does only after the epoll_ctl that follows
+#                                                              the insert
+#  Timer fn/args, cancel counts   the poller; cancel() from   the poller skips an entry if fn *or* args is
+#   (_cancels, _cancels_elsewhere) any thread                  cleared (no read order needed); its own count
+#                                                              is poller-only, others' under _lock (a stale
+#                                                              read only delays a compaction)
+#  handler fields: send queue,    the poller only             async_write/close/abort/event changes from
+#   mask, state, dropped_bytes,                                another thread are posted (_foreign, _direct),
+#   the timer heap, cache,                                     sync_cache and call_later too; the post's
+#   _closing, the read buffer                                  lock hands the data over.  Exception: NEW,
+#                                                              before start(), is set-up on one thread
+#  dropped_bytes after DONE       whoever drops the inbox     _lock: DONE is stored under it, so the
+#                                                              poller's earlier counts come first
+#  _Waker fd, writes              wake(): any thread;         _Waker._lock (a wake never writes an fd
+#                                  close(): the poller         number close() freed)
+#  Reactor _drained, _fatal       each poller's thread        Reactor._lock; _fatal is read after the
+#                                                              threads that append to it are joined
+#  connect/handshake outcome      the poller, a resolver      _take_once: a fresh lock's non-blocking
+#   (_ticket)                      thread, connect()           acquire succeeds once
+#  resolver jobs and counts       any thread / resolver       its Condition's lock
+#  signal wake-up fd (_sig)       the main thread's poller    one thread; the C handler only writes to
+#                                                              the fd, set_wakeup_fd(old) goes first
+#  ConnectPool's collections      any thread (acquire,        ConnectPool._lock; _failing is a hint and
+#   (Part II)                      release), members' pollers  _closed a one-way flag
+#  _held (locks held, per thread) its thread                  threading.local
+# Tests: "Threads: race-hunting stress" in test_goev.py, run free-threaded by .ci/run.
+
 # -- Hooks: where Part II attaches ----------------------------------------------------
 # Part I (sections 1-10) is a complete reactor; Part II adds production extras
 # without Part I naming any of them.  Every hook is declared here:
@@ -1638,14 +1696,11 @@ class _Poller:
         self._state = _NEW                  # the life cycle: see "A poller's life cycle"
         self._stop_asked = False            # stop() was called: see _advance
         # Guards the inbox, the wake flag, every store to _state, the foreign
-        # cancel count, the drop count of a stopped poller and every write to
-        # _handlers (see "Threads and shared state" in section 7).  Counted
-        # (_Lock) on any thread: a signal handler may post while its thread
-        # holds it.  The poller's own thread takes the same RLock uncounted
-        # (_rlock, a C call, no frame): a stop() from a signal handler there
-        # never waits anyway (it runs on a poller's own thread).
-        self._rlock = threading.RLock()
-        self._lock = _Lock(self._rlock)
+        # cancel count, the drop count of a stopped poller and _arrivals (see
+        # "Threads and shared state" in section 7).  Counted (_Lock): a signal
+        # handler may post while its thread holds it.
+        self._lock = _Lock()
+        self._arrivals: dict = {}           # fd -> handler registered from another thread (see _add)
         # Held by whichever thread runs this poller's code: its loop thread while
         # _run runs, or the thread that closes a poller that has no loop running
         # (Reactor._join).  ``p._mine._is_owned()`` is the one test of "am I on
@@ -1993,11 +2048,17 @@ class _Poller:
     # -- handlers -------------------------------------------------------------------
 
     def _add(self, h: IOHandle, fd: int, events: int) -> None:
-        """Register ``h`` for ``events`` (EV_IN/EV_OUT/EV_ET).  Thread: see Reactor.add_handler."""
-        # Any thread with epoll (Reactor.add_handler): the test of the state
-        # and the insert under the lock, so no insert follows _close_all's.
-        lock = self._rlock if self._mine._is_owned() else self._lock
-        with lock:
+        """Register ``h`` for ``events`` (EV_IN/EV_OUT/EV_ET).  Thread: see Reactor.add_handler.
+
+        On this poller's thread (or before start) ``h`` goes into _handlers at
+        once.  From another thread (epoll: the epoll_ctl is made here, so its
+        errors reach the caller) only this poller writes _handlers: ``h``
+        waits in _arrivals, under the lock, until the poller takes it -- in
+        _arrived, posted here, or at its first event (_unowned), whichever
+        comes first; the state test is under the same lock, so no handler
+        arrives after _close_all took the arrivals."""
+        here = self._mine._is_owned() or self._state == _NEW
+        if here:                            # (_claim written out: an accept's common case)
             if self._state >= _STOPPING:
                 raise RuntimeError("the reactor is stopping; cannot add %s" % _safe_repr(h))
             old = self._handlers.get(fd)
@@ -2006,6 +2067,12 @@ class _Poller:
             h.poller = self
             h._user = events & _EV_ALL
             self._handlers[fd] = h
+        else:
+            with self._lock:
+                # (a lock-free read of the poller's dict: at worst stale, and
+                # then epoll refuses an fd still registered: EEXIST)
+                self._claim(h, fd, events, self._arrivals.get(fd) or self._handlers.get(fd))
+                self._arrivals[fd] = h
         if self._observer is not None:
             self._observer.added(h, fd, events)
         try:
@@ -2022,12 +2089,37 @@ class _Poller:
                 h._update()
         except BaseException:
             h._mask = 0
-            with lock:
+            if here:
                 del self._handlers[fd]
+            else:
+                with self._lock:
+                    if self._arrivals.get(fd) is h:
+                        del self._arrivals[fd]
             h.poller = None                   # type: ignore[assignment]  # registered nowhere again
             raise
+        if not here:
+            self._post(self._arrived, fd)
         if h.error is not None:               # a write in on_open already failed: peer gone
             self._post(h.abort)
+
+    def _claim(self, h: IOHandle, fd: int, events: int, old: Optional[IOHandle]) -> None:
+        """_add's checks, then ``h`` belongs to this poller (``old``: the handler
+        already on ``fd``, if any)."""
+        if self._state >= _STOPPING:
+            raise RuntimeError("the reactor is stopping; cannot add %s" % _safe_repr(h))
+        if old is not None and old is not h:
+            raise ValueError("fd %d is already registered to %s" % (fd, _safe_repr(old)))
+        h.poller = self
+        h._user = events & _EV_ALL
+
+    def _arrived(self, fd: int) -> Optional[IOHandle]:
+        """Take the handler registered on ``fd`` from another thread into
+        _handlers, if it is still waiting (see _add); returns it (poller thread)."""
+        with self._lock:
+            h = self._arrivals.pop(fd, None)
+        if h is not None:
+            self._handlers[fd] = h
+        return h
 
     def _add_posted(self, h: IOHandle, fd: int, events: int) -> None:
         try:
@@ -2038,9 +2130,11 @@ class _Poller:
             h.poller = None                   # type: ignore[assignment]  # registered nowhere again
             h._close_now()
 
-    def _unowned(self, fd: int) -> None:
+    def _unowned(self, fd: int) -> Optional[IOHandle]:
         """An event for an fd no handler owns.  The waker: drain it.  The signal
-        wakeup socket: drain it (see _signals_wake).  Normally the fd's handler
+        wakeup socket: drain it (see _signals_wake).  A handler registered from
+        another thread and not yet taken: take it and return it (the loop then
+        dispatches the event to it).  Normally the fd's handler
         was closed earlier in this batch (already unregistered; the event was
         collected before): drop it.  Otherwise the fd was closed behind goev's
         back and the kernel may report it forever: make the backend forget it."""
@@ -2057,6 +2151,8 @@ class _Poller:
             except OSError:                 # (BlockingIOError: drained)
                 pass
             what = "a signal arrived (wakeup fd): its handler runs next"
+        elif self._arrived(fd) is not None:
+            return self._handlers[fd]
         elif any(h.fd == fd for h in self._closing):
             what = "no handler any more (closed earlier in this batch): dropped"
         else:
@@ -2064,11 +2160,14 @@ class _Poller:
             what = "closed behind goev's back: the backend forgets it"
         if self._observer is not None:
             self._observer.say("fd %d: %s" % (fd, what))
+        return None
 
     def _registrations(self) -> list:
         """(fd, events) of everything this poller watches (for drop_stale)."""
         own = [(self._waker.fd, EV_IN)] + ([(self._sig[0].fileno(), EV_IN)] if self._sig else [])
-        return own + [(fd, h._mask) for fd, h in list(self._handlers.items()) if h._mask]
+        with self._lock:
+            arriving = list(self._arrivals.items())
+        return own + [(fd, h._mask) for fd, h in list(self._handlers.items()) + arriving if h._mask]
 
     def _fault(self, h: IOHandle, where: str) -> None:
         """A callback raised: log with the handler's repr, close that handler only.
@@ -2194,10 +2293,10 @@ class _Poller:
             for fd, ev in events:
                 try:                            # (a subscript is cheaper than .get())
                     h = handlers[fd]
-                except KeyError:                # the waker, or removed earlier in this batch
-                    h = None                    # (let go of the last handler: it may be closed)
-                    self._unowned(fd)
-                    continue
+                except KeyError:                # the waker, removed earlier in this batch, or
+                    h = self._unowned(fd)       # registered from another thread (returned)
+                    if h is None:               # (let go of the last handler: it may be closed)
+                        continue
                 try:
                     # Reading only, the usual state: whatever the kernel reports
                     # (IN, RDHUP, HUP, ERR) means "go and read": bytes that came
@@ -2284,6 +2383,9 @@ class _Poller:
             raise interrupted
 
     def _close_all_steps(self) -> None:
+        with self._lock:                        # (CLOSING: no more arrive; see _add)
+            arrivals, self._arrivals = self._arrivals, {}
+        self._handlers.update(arrivals)
         self._drain_for_stop()
         for h in list(self._handlers.values()):
             if h._state != _CLOSED:
@@ -2307,8 +2409,7 @@ class _Poller:
             self._cancels_elsewhere = 0
         self._backend.close()
         self._waker.close()
-        with self._lock:
-            self._handlers.clear()
+        self._handlers.clear()
         # DONE: from here on producers drop what they post (see _post); what
         # was posted since the drain above is dropped now, async writes counted.
         with self._lock:
@@ -2543,7 +2644,8 @@ class Reactor:
                 # can catch it on this thread.  Stop the reactor and hand it to
                 # the thread that waits for it: run(), or stop() after start().
                 if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                    self._fatal.append(e)
+                    with self._lock:
+                        self._fatal.append(e)
                 else:
                     _log.critical("poller %d died", p.index, exc_info=True)
                 self.stop()
@@ -2684,8 +2786,10 @@ class Reactor:
         if p._handlers and _monotonic() < deadline:
             p._call_at(min(deadline, _monotonic() + _DRAIN_POLL), 0.0, self._drain_step, (deadline,))
             return
-        self._drained.add(p.index)
-        if len(self._drained) == len(self.pollers) or _monotonic() >= deadline:
+        with self._lock:                  # (every poller's thread adds its own)
+            self._drained.add(p.index)
+            last = len(self._drained) == len(self.pollers)
+        if last or _monotonic() >= deadline:
             self.stop()
 
     def _join(self, timeout: Optional[float]) -> None:
@@ -3157,22 +3261,21 @@ class Acceptor(IOHandle):
 # inside connect(), even when connect_ex() already knew it.  The target's
 # fd >= 0 marks it "connecting", so it cannot be connected twice at once.
 
-def _take_once(ticket: list) -> bool:
-    """True for exactly one caller, whichever thread: ``ticket`` is ``[True]``
-    and one list.pop() empties it (a single operation on the list, done under
-    its lock in a free-threaded build)."""
-    try:
-        ticket.pop()
-        return True
-    except IndexError:
-        return False
+def _take_once(ticket: Any) -> bool:
+    """True for exactly one caller, whichever thread: ``ticket`` is a fresh
+    lock (_new_ticket) and a non-blocking acquire -- what a lock is for --
+    succeeds once (nobody releases it)."""
+    return ticket.acquire(False)
+
+
+_new_ticket = _thread.allocate_lock
 
 
 class _Connecting(IOHandle):
     __slots__ = ("target", "addr", "_ticket", "_stage")
     target: Any                   # the user's handler (an IOHandle); None once settled
     addr: Any                     # what connect() was given, for error messages
-    _ticket: list
+    _ticket: Any
     _stage: Optional[Callable]
 
     def on_write(self) -> bool:
@@ -3371,7 +3474,7 @@ class Connector:
         with what is left of ``timeout`` (ms), or report the failure."""
         p = self.reactor.pollers[0]
         handler.fd = _RESOLVING
-        ticket = [True]                       # one outcome: the lookup's, or the timeout's
+        ticket = _new_ticket()                # one outcome: the lookup's, or the timeout's
         deadline = _monotonic() + timeout / 1000.0 if timeout else math.inf
         timer: list = []
 
@@ -3428,7 +3531,7 @@ class Connector:
         c.addr = addr if isinstance(addr, str) else sockaddr
         c._sock = sock
         c.fd = handler.fd = sock.fileno()     # handler.fd >= 0 marks it "connecting"
-        c._ticket = [True]
+        c._ticket = _new_ticket()
         c._stage = stage
         p = self.reactor._poller_for(c.fd)
         # Always posted, even from p's own thread: on_open/on_connect_fail must
@@ -3918,7 +4021,7 @@ class _TLSHandshake(IOHandle):
     __slots__ = ("_server", "_timeout", "_ticket", "_done", "_failed")
     _server: bool
     _timeout: float
-    _ticket: list
+    _ticket: Any
     _done: Optional[Callable[[Any, Callable[[IOHandle], None]], None]]    # None once settled
     _failed: Optional[Callable[[BaseException], None]]
 
@@ -3932,7 +4035,7 @@ class _TLSHandshake(IOHandle):
         hs = cls()
         hs._server = server_side
         hs._timeout = timeout
-        hs._ticket = [True]
+        hs._ticket = _new_ticket()
         hs._done, hs._failed = done, failed
         hs.peer = peer
         hs.reactor = reactor

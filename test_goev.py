@@ -12547,3 +12547,14 @@ def test_stress_posts_to_an_idle_poller_are_never_stranded(make_reactor):
         return run
     _run_threads([pinger(t) for t in range(4)])
     r.stop(timeout=WAIT)
+
+
+def test_pollers_auto_is_the_core_count_without_the_gil_and_one_with_it(make_reactor):
+    """Reactor(pollers="auto"): one poller per usable core when the GIL is off
+    (free-threaded CPython), one under the GIL; any other string is refused."""
+    gil = getattr(sys, "_is_gil_enabled", lambda: True)()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    r = make_reactor("auto")
+    assert len(r.pollers) == (1 if gil else cores)
+    with pytest.raises(TypeError):
+        goev.Reactor("many")
