@@ -36,10 +36,10 @@ register last in it (as the default does): from then on the handler's own
 poller may already be calling ``on_read``.  Under the GIL the pollers give
 concurrency, not parallelism: use ``serve(workers=N)`` (several processes
 sharing a port) to use every core; there, extra pollers only add contention
-(a CPU-bound handler: 2 pollers did 0.9x the requests of 1, and p99
-latency grew about 4x).  On free-threaded CPython (3.13t/3.14t with the GIL
-off) the pollers run Python in parallel: 2 pollers did 1.6-2x the requests
-of 1 on 2 cores (bench/RESULTS.md), in one process with shared caches.
+(a CPU-bound handler, 2 cores: 2 pollers did 0.89x the requests of 1 and
+p99 latency went from 12 to 51 ms; 2 workers did 1.91x).  On free-threaded
+CPython (3.13t, 3.14t with the GIL off) the pollers run Python in parallel:
+2 pollers did 1.89x the requests of 1 in one process (bench/cpu_bound.py).
 ``Reactor(pollers="auto")`` picks the core count there and 1 under the GIL.
 Which state threads share, and why each piece is safe without the GIL:
 "Threads and shared state" in section 7.
@@ -1524,11 +1524,13 @@ class IOHandle:
 #                                                              thread that learned of the handler after
 #                                                              start() sees RUNNING; a stale _foreign()
 #                                                              only posts what would have been dropped
-#  _Poller._handlers              the poller; add_handler     every write under the poller's RLock (_lock
-#                                  (any thread, epoll)         off it, _rlock on it); the loop's lock-free
-#                                                              lookup is of an fd epoll reported, which it
-#                                                              does only after the epoll_ctl that follows
-#                                                              the insert
+#  _Poller._handlers              the poller only             add_handler from another thread (epoll)
+#  _Poller._arrivals              add_handler (any thread) /  puts the handler in _arrivals under _lock;
+#                                  the poller (takes)          the poller moves it over (_arrived) when the
+#                                                              posted _arrived runs or at its first event;
+#                                                              the other thread's duplicate check reads
+#                                                              _handlers lock-free: stale at worst, and
+#                                                              then epoll says EEXIST
 #  Timer fn/args, cancel counts   the poller; cancel() from   the poller skips an entry if fn *or* args is
 #   (_cancels, _cancels_elsewhere) any thread                  cleared (no read order needed); its own count
 #                                                              is poller-only, others' under _lock (a stale
@@ -1765,7 +1767,10 @@ class _Poller:
     # No lost wake-up (the Go original can lose one): producers append, *then* test
     # the flag; the consumer clears the flag *before* it drains the inbox.  An
     # item appended after the clear sees the flag down and wakes us; one
-    # appended before it is drained by the pass that follows.  The flag is
+    # appended before it is drained by the pass that follows.  Both pairs run
+    # under _lock, so "after" and "before" are the order of the two critical
+    # sections -- a proof that needs no store/load ordering from the
+    # interpreter (free-threaded CPython promises none for plain attributes).  The flag is
     # also cleared right after every read of the waker, because the invariant
     # is "no waker read between the last clear and a blocking poll()": with
     # clear -> a producer's wake -> a read that eats it -> poll(), the flag
