@@ -35,7 +35,14 @@ that accepted or connected, *before* the handler is registered -- so
 register last in it (as the default does): from then on the handler's own
 poller may already be calling ``on_read``.  Under the GIL the pollers give
 concurrency, not parallelism: use ``serve(workers=N)`` (several processes
-sharing a port) to use every core.
+sharing a port) to use every core; there, extra pollers only add contention
+(a CPU-bound handler, 2 cores: 2 pollers did 0.89x the requests of 1 and
+p99 latency went from 12 to 51 ms; 2 workers did 1.91x).  On free-threaded
+CPython (3.13t, 3.14t with the GIL off) the pollers run Python in parallel:
+2 pollers did 1.89x the requests of 1 in one process (bench/cpu_bound.py).
+``Reactor(pollers="auto")`` picks the core count there and 1 under the GIL.
+Which state threads share, and why each piece is safe without the GIL:
+"Threads and shared state" in section 7.
 
 A learner's path
 ----------------
@@ -174,7 +181,7 @@ _MAX_READ = 0x7FFFF000          # the most one Linux read() returns: a larger bu
 _DRAIN_POLL = 0.01              # seconds between a shutdown's checks that a poller is empty
 _CLOSE_WAIT_POLL = 0.05         # Acceptor.close from another thread: how often it checks
                                 # whether the poller shut down (and so closed it) meanwhile
-_CANCEL_LOG_TRIM = 4096         # counted cancels kept before the log is trimmed (see _timeout)
+_CANCEL_LOG_TRIM = 4096         # counted cancels kept before the counts are rebased (see _timeout)
 _DRAIN_CHUNK = 4096             # bytes per read when emptying a waker or the signal socket
 _UNIX_PATH_MAX = 107            # sockaddr_un.sun_path is 108 bytes, its NUL included
 _COMPACT_MIN = 64               # lazily cancelled timers tolerated before compaction is considered
@@ -250,8 +257,6 @@ class _Lock:
 def _locks_held() -> int:
     return getattr(_held, "n", 0)
 
-
-_DROP_LOCK = _Lock()            # counts async writes dropped after a poller stopped (rare path)
 
 
 def _check_port(port: Any, addr: Any) -> int:
@@ -368,8 +373,13 @@ def _check_pollers(pollers: Any) -> int:
     GIL, none beyond one; processes -- serve(workers=N) -- use the cores).
     Raises TypeError/ValueError; a count above the bound is
     refused at once, with the reason, instead of failing on EMFILE after
-    thousands of threads."""
-    _check_int("pollers", pollers, 1)
+    thousands of threads.  ``"auto"`` is one poller per core this process may
+    run on when the GIL is off (free-threaded CPython: pollers run Python in
+    parallel) and 1 under the GIL (extra pollers only add contention there),
+    within the same bound; returns the count."""
+    auto = isinstance(pollers, str) and pollers == "auto"
+    if not auto:
+        _check_int("pollers", pollers, 1)
     cpus = os.cpu_count() or 1
     most = max(64, 16 * cpus)
     why = ("each poller is a thread, and threads beyond the cores add no speed (under the GIL, "
@@ -385,6 +395,14 @@ def _check_pollers(pollers: Any) -> int:
         why = ("each poller holds fds of its own (epoll, waker, a listener) and this process may "
                "open %d fds (RLIMIT_NOFILE, `ulimit -n`), most of them for connections: an eighth "
                "at most for pollers" % nofile)
+    if auto:
+        if getattr(sys, "_is_gil_enabled", lambda: True)():
+            return 1
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):         # pragma: no cover - not Linux
+            cores = cpus
+        return max(1, min(cores, most))
     if pollers > most:
         raise ValueError("pollers=%d is too many: at most %d here (%s)" % (pollers, most, why))
     return pollers
@@ -730,10 +748,17 @@ class Timer(list):
         another thread a callback the poller has already started (it is due right
         now) may still be running; any later one will not start."""
         if self[2] is not None:
-            self[2] = self[3] = None          # fn first: the poller reads args first
-            # Counted for compaction (see _Poller._timers_dead).  list.append is
-            # atomic, so any thread counts without a lock or a post to the poller.
-            self[4]._cancels.append(None)
+            p = self[4]
+            # Counted for compaction (see _Poller._timers_dead): the poller's
+            # thread in its own counter, any other under the poller's lock.
+            if p._mine._is_owned():
+                self[2] = self[3] = None      # (the poller skips an entry with either None)
+                p._cancels += 1
+                return
+            with p._lock:
+                if self[2] is not None:       # two threads racing: one counts
+                    self[2] = self[3] = None
+                    p._cancels_elsewhere += 1
 
     @property
     def cancelled(self) -> bool:
@@ -1491,6 +1516,60 @@ class IOHandle:
 # KeyboardInterrupt and SystemExit pass through (the state stays consistent,
 # so run() may be called again).
 
+# -- Threads and shared state ------------------------------------------------------
+# Everything more than one thread touches, who writes it, and why that is safe
+# without the GIL (free-threaded CPython, PYTHON_GIL=0).  No row rests on a
+# built-in type's own locking (the free-threading HOWTO promises none): a
+# write shared by threads is under a lock; a lock-free read from another
+# thread is allowed only where a stale value is harmless, and the row says why.
+#
+#  state                          written by                  safe because
+#  inbox + _wake_pending          any thread (_post) /        _Poller._lock around append + test-and-set
+#   (_post, _drain_inbox,          the poller (_drain_inbox,   and around clear + take: the two sections
+#    _unowned)                     _unowned: clears)           are ordered, so the consumer's take sees
+#                                                              the item or the producer sees the flag down
+#                                                              and writes the waker (no lost wake-up)
+#  _Poller._state, _stop_asked    start/run/stop (any thread, every store under _lock, test and store
+#                                  signal handlers), the      together (_advance, _close_all); stop()'s
+#                                  poller (CLOSING, DONE)     one-way _stop_asked covers a signal handler
+#                                                              re-entering _advance on its own thread.
+#                                                              Lock-free reads (_direct, _foreign): only
+#                                                              NEW -> RUNNING changes _direct(), and a
+#                                                              thread that learned of the handler after
+#                                                              start() sees RUNNING; a stale _foreign()
+#                                                              only posts what would have been dropped
+#  _Poller._handlers              the poller only             add_handler from another thread (epoll)
+#  _Poller._arrivals              add_handler (any thread) /  puts the handler in _arrivals under _lock;
+#                                  the poller (takes)          the poller moves it over (_arrived) when the
+#                                                              posted _arrived runs or at its first event;
+#                                                              the other thread's duplicate check reads
+#                                                              _handlers lock-free: stale at worst, and
+#                                                              then epoll says EEXIST
+#  Timer fn/args, cancel counts   the poller; cancel() from   the poller skips an entry if fn *or* args is
+#   (_cancels, _cancels_elsewhere) any thread                  cleared (no read order needed); its own count
+#                                                              is poller-only, others' under _lock (a stale
+#                                                              read only delays a compaction)
+#  handler fields: send queue,    the poller only             async_write/close/abort/event changes from
+#   mask, state, dropped_bytes,                                another thread are posted (_foreign, _direct),
+#   the timer heap, cache,                                     sync_cache and call_later too; the post's
+#   _closing, the read buffer                                  lock hands the data over.  Exception: NEW,
+#                                                              before start(), is set-up on one thread
+#  dropped_bytes after DONE       whoever drops the inbox     _lock: DONE is stored under it, so the
+#                                                              poller's earlier counts come first
+#  _Waker fd, writes              wake(): any thread;         _Waker._lock (a wake never writes an fd
+#                                  close(): the poller         number close() freed)
+#  Reactor _drained, _fatal       each poller's thread        Reactor._lock; _fatal is read after the
+#                                                              threads that append to it are joined
+#  connect/handshake outcome      the poller, a resolver      _take_once: a fresh lock's non-blocking
+#   (_ticket)                      thread, connect()           acquire succeeds once
+#  resolver jobs and counts       any thread / resolver       its Condition's lock
+#  signal wake-up fd (_sig)       the main thread's poller    one thread; the C handler only writes to
+#                                                              the fd, set_wakeup_fd(old) goes first
+#  ConnectPool's collections      any thread (acquire,        ConnectPool._lock; _failing is a hint and
+#   (Part II)                      release), members' pollers  _closed a one-way flag
+#  _held (locks held, per thread) its thread                  threading.local
+# Tests: "Threads: race-hunting stress" in test_goev.py, run free-threaded by .ci/run.
+
 # -- Hooks: where Part II attaches ----------------------------------------------------
 # Part I (sections 1-11) is a complete reactor; Part II adds production extras
 # without Part I naming any of them.  Every hook is declared here:
@@ -1628,12 +1707,20 @@ class _Poller:
         self._handlers: dict = {}           # fd -> IOHandle
         self._closing: list = []            # handlers closed this step: on_close pending
         self._timers: list = []             # the 4-ary heap of Timers (section 5)
-        self._cancels: list = []            # one item per Timer.cancel(), any thread (append is atomic)
+        self._cancels = 0                   # Timer.cancel()s made on this poller's thread
+        self._cancels_elsewhere = 0         # ... and on other threads (under _lock)
         self._timers_gone = 0               # cancelled entries that have left the heap (poller thread)
         self._seq = 0
         self._inbox: collections.deque = collections.deque()
         self._wake_pending = False          # the waker is written and not yet drained
         self._state = _NEW                  # the life cycle: see "A poller's life cycle"
+        self._stop_asked = False            # stop() was called: see _advance
+        # Guards the inbox, the wake flag, every store to _state, the foreign
+        # cancel count, the drop count of a stopped poller and _arrivals (see
+        # "Threads and shared state" in section 7).  Counted (_Lock): a signal
+        # handler may post while its thread holds it.
+        self._lock = _Lock()
+        self._arrivals: dict = {}           # fd -> handler registered from another thread (see _add)
         # Held by whichever thread runs this poller's code: its loop thread while
         # _run runs, or the thread that closes a poller that has no loop running
         # (Reactor._join).  ``p._mine._is_owned()`` is the one test of "am I on
@@ -1662,19 +1749,30 @@ class _Poller:
     # -- the life cycle and the thread rules ----------------------------------------
 
     def _advance(self, state: int) -> None:
-        """Move the life cycle forward to ``state`` (never back).  A plain
-        compare and store: stop() does this from a signal handler, which can
-        take no lock; see Reactor.stop for why no transition is lost."""
-        if self._state < state:
-            self._state = state
+        """Move the life cycle forward to ``state`` (never back); any thread.
+
+        Under ``_lock``, so two threads cannot interleave their compare and
+        store (a stale RUNNING read, then a store of STOPPING over DONE).  The
+        lock is reentrant, so a signal handler's stop() on a thread that is
+        inside this very compare-and-store also gets in; that outer call may
+        then store its older target over the handler's STOPPING.  stop() sets
+        ``_stop_asked`` before it advances, and the last test below runs after
+        the outer store: whichever of the two finishes last leaves STOPPING."""
+        with self._lock:
+            if self._state < state:
+                self._state = state
+            if self._stop_asked and self._state < _STOPPING:
+                self._state = _STOPPING
 
     def _foreign(self) -> bool:
         """Must a control call (close, abort, shutdown_write, event changes)
         made on this thread be posted to this poller?  Yes from any other
-        thread while a loop may run: RUNNING or STOPPING.  Before start() there
-        is no loop to race; once the poller is CLOSING it closes every handler
-        itself and drops late posts, so such calls act directly."""
-        return not self._mine._is_owned() and (self._state == _RUNNING or self._state == _STOPPING)
+        thread from start() until the poller is DONE: while it is CLOSING it
+        is closing its handlers itself, so a direct close would race it (a
+        late post is drained or dropped; the handler is closed either way).
+        Before start() there is no loop to race; once DONE every handler is
+        closed and the call finds nothing to do."""
+        return not self._mine._is_owned() and _NEW < self._state < _DONE
 
     def _direct(self) -> bool:
         """May the calling thread touch its handlers' data (the send queue, the
@@ -1704,7 +1802,10 @@ class _Poller:
     # No lost wake-up (the Go original can lose one): producers append, *then* test
     # the flag; the consumer clears the flag *before* it drains the inbox.  An
     # item appended after the clear sees the flag down and wakes us; one
-    # appended before it is drained by the pass that follows.  The flag is
+    # appended before it is drained by the pass that follows.  Both pairs run
+    # under _lock, so "after" and "before" are the order of the two critical
+    # sections -- a proof that needs no store/load ordering from the
+    # interpreter (free-threaded CPython promises none for plain attributes).  The flag is
     # also cleared right after every read of the waker, because the invariant
     # is "no waker read between the last clear and a blocking poll()": with
     # clear -> a producer's wake -> a read that eats it -> poll(), the flag
@@ -1718,14 +1819,17 @@ class _Poller:
 
     def _post(self, fn: Callable, *args: Any) -> None:
         """Queue ``fn(*args)`` for this poller's thread; any thread, and signal handlers."""
-        self._inbox.append((fn, args))
-        if not self._wake_pending:
+        with self._lock:
+            self._inbox.append((fn, args))
+            wake = not self._wake_pending
             self._wake_pending = True
+            done = self._state == _DONE
+        if done:                                # (see "No lost wake-up")
+            self._drop_inbox()
+        elif wake:
             if self._observer is not None:      # (first: the poller may print next)
                 self._observer.posted(fn)
             self._waker.wake()
-        if self._state == _DONE:
-            self._drop_inbox()
 
     @property
     def wakeups(self) -> int:
@@ -1735,29 +1839,38 @@ class _Poller:
     def _drop_inbox(self) -> None:
         """Drop queued work that will never run (the poller has stopped); the bytes
         of dropped async writes are counted in their handler's ``dropped_bytes``
-        (datagrams in ``dropped_datagrams``: see _POSTED_SENDS).
-        Any thread; the lock serializes the counting among dropping threads."""
+        (datagrams in ``dropped_datagrams``: see _POSTED_SENDS), and a late
+        registration is closed.  Any thread; ``_lock`` serializes the counting
+        among dropping threads."""
         inbox = self._inbox
-        with _DROP_LOCK:
+        late = []
+        with self._lock:
             while True:
                 try:
                     fn, args = inbox.popleft()
                 except IndexError:
-                    return
-                count = _POSTED_SENDS.get(getattr(fn, "__func__", None))
+                    break
+                f = getattr(fn, "__func__", None)
+                count = _POSTED_SENDS.get(f)
                 if count is not None:
                     count(fn.__self__, args)
+                elif f is _Poller._add_posted:
+                    late.append(args[0])
+        for h in late:          # a registration that came too late: nobody will own it
+            h.poller = None     # type: ignore[assignment]  # so close it here (on_close)
+            h._close_now()
 
     def _drain_inbox(self, limit: int = _INBOX_BATCH) -> None:
         """Run up to ``limit`` posted items, the oldest first (poller thread)."""
-        self._wake_pending = False
         inbox = self._inbox
+        with self._lock:                    # the flag down, then the batch: see above
+            self._wake_pending = False
+            n = min(len(inbox), limit)
+            batch = [inbox.popleft() for _ in range(n)]
         obs = self._observer
-        n = min(len(inbox), limit)
         if obs is not None and n:
             obs.draining(n)
-        for _ in range(n):
-            fn, args = inbox.popleft()
+        for i, (fn, args) in enumerate(batch):
             try:
                 if obs is None:
                     fn(*args)
@@ -1765,12 +1878,15 @@ class _Poller:
                     obs.run(fn, args)
             except Exception:
                 _log.exception("exception in posted callback %s", _safe_repr(fn))
+            except BaseException:           # KeyboardInterrupt/SystemExit: the rest of the
+                with self._lock:            # batch goes back, first in line, for the next run
+                    inbox.extendleft(reversed(batch[i + 1:]))
+                raise
 
     # -- timers -------------------------------------------------------------------
     # The heap belongs to the poller thread.  Other threads post their pushes
-    # through the inbox (a cancel only clears the Timer and appends to
-    # _cancels); before the reactor has started no loop runs, so any thread
-    # may push directly.
+    # through the inbox (a cancel only clears the Timer and counts it); before
+    # the reactor has started no loop runs, so any thread may push directly.
 
     def _call_at(self, when: float, interval: float, fn: Callable, args: tuple) -> Timer:
         """A Timer for ``fn(*args)`` at monotonic ``when``, then every ``interval``
@@ -1803,7 +1919,7 @@ class _Poller:
         Exact, except that a cancel from another thread racing the very firing of
         a one-shot counts a timer that never stays in the heap (harmless: the
         next compaction comes a little early)."""
-        return len(self._cancels) - self._timers_gone
+        return self._cancels + self._cancels_elsewhere - self._timers_gone
 
     def call_later(self, delay_s: float, fn: Callable, *args: Any) -> Timer:
         """Run ``fn(*args)`` on this poller's thread after ``delay_s`` seconds (>= 0;
@@ -1844,9 +1960,11 @@ class _Poller:
         t = None
         try:
             for t in it:
-                args = t[3]                    # args first: cancel() clears fn first
                 fn = t[2]
-                if fn is None:                 # cancelled (perhaps by an earlier timer)
+                args = t[3]
+                # Cancelled (perhaps by an earlier timer, or right now on another
+                # thread, which clears both: seeing either cleared is enough).
+                if fn is None or args is None:
                     self._timers_gone += 1
                     continue
                 periodic = t[5]
@@ -1934,8 +2052,8 @@ class _Poller:
         if dead > _COMPACT_MIN and dead * 2 > len(heap):
             self._compact()
         gone = self._timers_gone
-        if gone > _CANCEL_LOG_TRIM:              # keep the cancel log short: drop what
-            del self._cancels[:gone]             # both sides have counted
+        if gone > _CANCEL_LOG_TRIM:              # keep the counts small: subtract what
+            self._cancels -= gone                # both sides have counted
             self._timers_gone = 0
         if self._inbox or self._closing:
             return 0.0
@@ -1957,15 +2075,31 @@ class _Poller:
     # -- handlers -------------------------------------------------------------------
 
     def _add(self, h: IOHandle, fd: int, events: int) -> None:
-        """Register ``h`` for ``events`` (EV_IN/EV_OUT/EV_ET).  Thread: see Reactor.add_handler."""
-        if self._state >= _STOPPING:
-            raise RuntimeError("the reactor is stopping; cannot add %s" % _safe_repr(h))
-        old = self._handlers.get(fd)
-        if old is not None and old is not h:
-            raise ValueError("fd %d is already registered to %s" % (fd, _safe_repr(old)))
-        h.poller = self
-        h._user = events & _EV_ALL
-        self._handlers[fd] = h
+        """Register ``h`` for ``events`` (EV_IN/EV_OUT/EV_ET).  Thread: see Reactor.add_handler.
+
+        On this poller's thread (or before start) ``h`` goes into _handlers at
+        once.  From another thread (epoll: the epoll_ctl is made here, so its
+        errors reach the caller) only this poller writes _handlers: ``h``
+        waits in _arrivals, under the lock, until the poller takes it -- in
+        _arrived, posted here, or at its first event (_unowned), whichever
+        comes first; the state test is under the same lock, so no handler
+        arrives after _close_all took the arrivals."""
+        here = self._mine._is_owned() or self._state == _NEW
+        if here:                            # (_claim written out: an accept's common case)
+            if self._state >= _STOPPING:
+                raise RuntimeError("the reactor is stopping; cannot add %s" % _safe_repr(h))
+            old = self._handlers.get(fd)
+            if old is not None and old is not h:
+                raise ValueError("fd %d is already registered to %s" % (fd, _safe_repr(old)))
+            h.poller = self
+            h._user = events & _EV_ALL
+            self._handlers[fd] = h
+        else:
+            with self._lock:
+                # (a lock-free read of the poller's dict: at worst stale, and
+                # then epoll refuses an fd still registered: EEXIST)
+                self._claim(h, fd, events, self._arrivals.get(fd) or self._handlers.get(fd))
+                self._arrivals[fd] = h
         if self._observer is not None:
             self._observer.added(h, fd, events)
         try:
@@ -1982,11 +2116,37 @@ class _Poller:
                 h._update()
         except BaseException:
             h._mask = 0
-            del self._handlers[fd]
+            if here:
+                del self._handlers[fd]
+            else:
+                with self._lock:
+                    if self._arrivals.get(fd) is h:
+                        del self._arrivals[fd]
             h.poller = None                   # type: ignore[assignment]  # registered nowhere again
             raise
+        if not here:
+            self._post(self._arrived, fd)
         if h.error is not None:               # a write in on_open already failed: peer gone
             self._post(h.abort)
+
+    def _claim(self, h: IOHandle, fd: int, events: int, old: Optional[IOHandle]) -> None:
+        """_add's checks, then ``h`` belongs to this poller (``old``: the handler
+        already on ``fd``, if any)."""
+        if self._state >= _STOPPING:
+            raise RuntimeError("the reactor is stopping; cannot add %s" % _safe_repr(h))
+        if old is not None and old is not h:
+            raise ValueError("fd %d is already registered to %s" % (fd, _safe_repr(old)))
+        h.poller = self
+        h._user = events & _EV_ALL
+
+    def _arrived(self, fd: int) -> Optional[IOHandle]:
+        """Take the handler registered on ``fd`` from another thread into
+        _handlers, if it is still waiting (see _add); returns it (poller thread)."""
+        with self._lock:
+            h = self._arrivals.pop(fd, None)
+        if h is not None:
+            self._handlers[fd] = h
+        return h
 
     def _add_posted(self, h: IOHandle, fd: int, events: int) -> None:
         try:
@@ -1997,16 +2157,19 @@ class _Poller:
             h.poller = None                   # type: ignore[assignment]  # registered nowhere again
             h._close_now()
 
-    def _unowned(self, fd: int) -> None:
+    def _unowned(self, fd: int) -> Optional[IOHandle]:
         """An event for an fd no handler owns.  The waker: drain it.  The signal
-        wakeup socket: drain it (see _signals_wake).  Normally the fd's handler
+        wakeup socket: drain it (see _signals_wake).  A handler registered from
+        another thread and not yet taken: take it and return it (the loop then
+        dispatches the event to it).  Normally the fd's handler
         was closed earlier in this batch (already unregistered; the event was
         collected before): drop it.  Otherwise the fd was closed behind goev's
         back and the kernel may report it forever: make the backend forget it."""
         sig = self._sig
         if fd == self._waker.fd:
             self._waker.drain()
-            self._wake_pending = False      # after the drain: see "No lost wake-up"
+            with self._lock:                # after the drain: see "No lost wake-up"
+                self._wake_pending = False
             what = "waker readable (drained)"
         elif sig is not None and fd == sig[0].fileno():
             try:
@@ -2015,6 +2178,8 @@ class _Poller:
             except OSError:                 # (BlockingIOError: drained)
                 pass
             what = "a signal arrived (wakeup fd): its Python handler has run, or runs now"
+        elif self._arrived(fd) is not None:
+            return self._handlers[fd]
         elif any(h.fd == fd for h in self._closing):
             what = "no handler any more (closed earlier in this batch): dropped"
         else:
@@ -2022,11 +2187,14 @@ class _Poller:
             what = "closed behind goev's back: the backend forgets it"
         if self._observer is not None:
             self._observer.say("fd %d: %s" % (fd, what))
+        return None
 
     def _registrations(self) -> list:
         """(fd, events) of everything this poller watches (for drop_stale)."""
         own = [(self._waker.fd, EV_IN)] + ([(self._sig[0].fileno(), EV_IN)] if self._sig else [])
-        return own + [(fd, h._mask) for fd, h in list(self._handlers.items()) if h._mask]
+        with self._lock:
+            arriving = list(self._arrivals.items())
+        return own + [(fd, h._mask) for fd, h in list(self._handlers.items()) + arriving if h._mask]
 
     def _fault(self, h: IOHandle, where: str) -> None:
         """A callback raised: log with the handler's repr, close that handler only.
@@ -2134,7 +2302,6 @@ class _Poller:
         closing = self._closing
         timers = self._timers
         inbox = self._inbox
-        cancels = self._cancels
         obs = self._observer            # trace or watchdog (section 7's hooks); None: neither
         readv = self._readv
         rlist = self._rlist
@@ -2144,7 +2311,7 @@ class _Poller:
         while self._state == _RUNNING:
             # With no timer, no posted work and nothing closing, sleep until an
             # event (skip _timeout: the common case of a busy I/O server).
-            events = poll(self._timeout() if timers or inbox or closing or cancels else -1.0)
+            events = poll(self._timeout() if timers or inbox or closing else -1.0)
             if timers:
                 now = _monotonic()              # the pass's clock: now_ms, and which timers are due
                 self.now_ms = int(now * 1000)
@@ -2153,10 +2320,10 @@ class _Poller:
             for fd, ev in events:
                 try:                            # (a subscript is cheaper than .get())
                     h = handlers[fd]
-                except KeyError:                # the waker, or removed earlier in this batch
-                    h = None                    # (let go of the last handler: it may be closed)
-                    self._unowned(fd)
-                    continue
+                except KeyError:                # the waker, removed earlier in this batch, or
+                    h = self._unowned(fd)       # registered from another thread (returned)
+                    if h is None:               # (let go of the last handler: it may be closed)
+                        continue
                 try:
                     # Reading only, the usual state: whatever the kernel reports
                     # (IN, RDHUP, HUP, ERR) means "go and read": bytes that came
@@ -2227,9 +2394,10 @@ class _Poller:
         """Shut down (CLOSING, then DONE): every handler gets on_close once,
         every fd is closed.  Idempotent.  On the poller's thread, or on a thread
         holding ``_mine`` while no loop runs (Reactor._join)."""
-        if self._state >= _CLOSING_ALL:
-            return
-        self._state = _CLOSING_ALL
+        with self._lock:
+            if self._state >= _CLOSING_ALL:
+                return
+            self._state = _CLOSING_ALL
         # A KeyboardInterrupt/SystemExit from an on_close (or posted work) comes
         # out once the shutdown is complete: the steps run again -- handlers
         # already closed are skipped, so each pass gets past the one that raised.
@@ -2244,6 +2412,9 @@ class _Poller:
             raise interrupted
 
     def _close_all_steps(self) -> None:
+        with self._lock:                        # (CLOSING: no more arrive; see _add)
+            arrivals, self._arrivals = self._arrivals, {}
+        self._handlers.update(arrivals)
         self._drain_for_stop()
         for h in list(self._handlers.values()):
             if h._state != _CLOSED:
@@ -2262,14 +2433,16 @@ class _Poller:
         for t in self._timers:
             t[2] = t[3] = None
         self._timers.clear()
-        self._cancels.clear()
-        self._timers_gone = 0
+        self._cancels = self._timers_gone = 0
+        with self._lock:
+            self._cancels_elsewhere = 0
         self._backend.close()
         self._waker.close()
         self._handlers.clear()
         # DONE: from here on producers drop what they post (see _post); what
         # was posted since the drain above is dropped now, async writes counted.
-        self._state = _DONE
+        with self._lock:
+            self._state = _DONE
         self._drop_inbox()
 
     def _drain_for_stop(self) -> None:
@@ -2294,7 +2467,8 @@ class Reactor:
     """N pollers (event loops on threads) and the handlers placed on them.
 
     Parameters: ``pollers`` (>= 1, and at most what the fd limit and the
-    cores make sensible: see _check_pollers), ``backend`` ("auto", "epoll", "selectors";
+    cores make sensible: see _check_pollers; ``"auto"``: one per core when
+    the GIL is off, 1 under the GIL), ``backend`` ("auto", "epoll", "selectors";
     auto honours the GOEV_BACKEND environment variable), ``read_buffer_size``
     (bytes of each poller's shared read buffer, 1 .. 0x7ffff000),
     ``trace`` (print every loop step to stderr; None: on if the GOEV_TRACE
@@ -2307,10 +2481,10 @@ class Reactor:
     be sure it is stopped.
     """
 
-    def __init__(self, pollers: int = 1, *, backend: str = "auto",
+    def __init__(self, pollers: Union[int, str] = 1, *, backend: str = "auto",
                  read_buffer_size: int = DEFAULT_READ_BUFFER, trace: Optional[bool] = None,
                  slow_callback_ms: Optional[float] = None) -> None:
-        _check_pollers(pollers)
+        pollers = _check_pollers(pollers)
         _check_int("read_buffer_size", read_buffer_size, 1, _MAX_READ)
         backend_cls = _pick_backend(backend)
         if trace is None:
@@ -2391,6 +2565,8 @@ class Reactor:
             handler.fd = fd
         # Direct unless another thread's poller may already sleep in select(): a
         # selector does not see a registration made meanwhile, so post it.
+        # (epoll from another thread: _add's lock; the poller sees the fd's
+        # events only after the epoll_ctl that follows the insert.)
         if p._backend.threadsafe_ctl or p._direct():
             p._add(handler, fd, events)
         else:
@@ -2497,7 +2673,8 @@ class Reactor:
                 # can catch it on this thread.  Stop the reactor and hand it to
                 # the thread that waits for it: run(), or stop() after start().
                 if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                    self._fatal.append(e)
+                    with self._lock:
+                        self._fatal.append(e)
                 else:
                     _log.critical("poller %d died", p.index, exc_info=True)
                 self.stop()
@@ -2595,6 +2772,8 @@ class Reactor:
         # start()'s NEW -> RUNNING (which must not overwrite it).  A signal
         # handler that interrupted a goev lock on this thread cannot take it;
         # there the interrupted code is on this very thread, between bytecodes.
+        for p in self.pollers:
+            p._stop_asked = True          # first: see _Poller._advance
         if _locks_held():
             for p in self.pollers:
                 p._advance(_STOPPING)
@@ -2636,8 +2815,10 @@ class Reactor:
         if p._handlers and _monotonic() < deadline:
             p._call_at(min(deadline, _monotonic() + _DRAIN_POLL), 0.0, self._drain_step, (deadline,))
             return
-        self._drained.add(p.index)
-        if len(self._drained) == len(self.pollers) or _monotonic() >= deadline:
+        with self._lock:                  # (every poller's thread adds its own)
+            self._drained.add(p.index)
+            last = len(self._drained) == len(self.pollers)
+        if last or _monotonic() >= deadline:
             self.stop()
 
     def _join(self, timeout: Optional[float]) -> None:
@@ -3115,22 +3296,21 @@ class Acceptor(IOHandle):
 # inside connect(), even when connect_ex() already knew it.  The target's
 # fd >= 0 marks it "connecting", so it cannot be connected twice at once.
 
-def _take_once(ticket: list) -> bool:
-    """True for exactly one caller, whichever thread: ``ticket`` is ``[True]``
-    and one list.pop() empties it (a single operation on the list, done under
-    its lock in a free-threaded build)."""
-    try:
-        ticket.pop()
-        return True
-    except IndexError:
-        return False
+def _take_once(ticket: Any) -> bool:
+    """True for exactly one caller, whichever thread: ``ticket`` is a fresh
+    lock (_new_ticket) and a non-blocking acquire -- what a lock is for --
+    succeeds once (nobody releases it)."""
+    return ticket.acquire(False)
+
+
+_new_ticket = _thread.allocate_lock
 
 
 class _Connecting(IOHandle):
     __slots__ = ("target", "addr", "_ticket", "_stage")
     target: Any                   # the user's handler (an IOHandle); None once settled
     addr: Any                     # what connect() was given, for error messages
-    _ticket: list
+    _ticket: Any
     _stage: Optional[Callable]
 
     def on_write(self) -> bool:
@@ -3329,7 +3509,7 @@ class Connector:
         with what is left of ``timeout`` (ms), or report the failure."""
         p = self.reactor.pollers[0]
         handler.fd = _RESOLVING
-        ticket = [True]                       # one outcome: the lookup's, or the timeout's
+        ticket = _new_ticket()                # one outcome: the lookup's, or the timeout's
         deadline = _monotonic() + timeout / 1000.0 if timeout else math.inf
         timer: list = []
 
@@ -3386,7 +3566,7 @@ class Connector:
         c.addr = addr if isinstance(addr, str) else sockaddr
         c._sock = sock
         c.fd = handler.fd = sock.fileno()     # handler.fd >= 0 marks it "connecting"
-        c._ticket = [True]
+        c._ticket = _new_ticket()
         c._stage = stage
         p = self.reactor._poller_for(c.fd)
         # Always posted, even from p's own thread: on_open/on_connect_fail must
@@ -4362,7 +4542,7 @@ class _TLSHandshake(IOHandle):
     __slots__ = ("_server", "_timeout", "_ticket", "_done", "_failed")
     _server: bool
     _timeout: float
-    _ticket: list
+    _ticket: Any
     _done: Optional[Callable[[Any, Callable[[IOHandle], None]], None]]    # None once settled
     _failed: Optional[Callable[[BaseException], None]]
 
@@ -4376,7 +4556,7 @@ class _TLSHandshake(IOHandle):
         hs = cls()
         hs._server = server_side
         hs._timeout = timeout
-        hs._ticket = [True]
+        hs._ticket = _new_ticket()
         hs._done, hs._failed = done, failed
         hs.peer = peer
         hs.reactor = reactor
@@ -4769,6 +4949,10 @@ class ConnectPool:
         self._pending: set = set()                # members whose connect is in flight
         self._failing = False                     # the last connect failed: timer-only retries
         self._closed = False
+        # Guards the three collections above: acquire/release come from any
+        # thread, and members report from their own pollers' threads -- also
+        # while the reactor shuts down, when poller 0 may be gone already.
+        self._lock = _Lock()
         self._poller = connector.reactor.pollers[0]
         self._timer = self._poller._call_at(_monotonic(), ki / 1000.0, self._keep, ())
 
@@ -4789,12 +4973,13 @@ class ConnectPool:
     def acquire(self) -> Optional[IOHandle]:
         """An open idle handler, or None (a refill is then triggered).  Any thread."""
         while True:
-            try:
-                h = self._idle.popleft()
-            except IndexError:
+            with self._lock:
+                h = self._idle.popleft() if self._idle else None
+                low = len(self._idle) < self.min_idle
+            if h is None:
                 break
             if not h.closed:                      # a closed one is dropped (it left _members)
-                if len(self._idle) < self.min_idle and not self._failing:
+                if low and not self._failing:
                     self._poller._post(self._keep)
                 return h
         if not self._closed and not self._failing:
@@ -4807,13 +4992,14 @@ class ConnectPool:
         already idle.  Any thread."""
         if getattr(h, "_watcher", None) is not self:
             raise ValueError("%s does not belong to %r" % (_safe_repr(h), self))
-        if self._closed or h.closed:
-            if self._closed:
-                h.close()
-            return
-        if h in self._idle:
-            raise ValueError("%s is already released to %r" % (_safe_repr(h), self))
-        self._idle.append(h)
+        with self._lock:
+            if not (self._closed or h.closed):
+                if h in self._idle:
+                    raise ValueError("%s is already released to %r" % (_safe_repr(h), self))
+                self._idle.append(h)
+                return
+        if self._closed:
+            h.close()
 
     def close(self) -> None:
         """Close every pooled connection and stop maintenance.  Any thread."""
@@ -4821,8 +5007,10 @@ class ConnectPool:
             return
         self._closed = True
         self._timer.cancel()
-        self._idle.clear()
-        for h in list(self._members):
+        with self._lock:
+            self._idle.clear()
+            members = list(self._members)
+        for h in members:
             # Only open ones: closing a handler whose connect is in flight would
             # run its on_close before any on_open, and the socket that connects
             # later would be orphaned.  Those are closed on "opened" instead.
@@ -4833,9 +5021,10 @@ class ConnectPool:
         """Top the pool up (poller 0's thread)."""
         if self._closed:
             return False
-        live = self.live
-        idle = len(self._idle)
-        pending = len(self._pending)
+        with self._lock:
+            live = self.live
+            idle = len(self._idle)
+            pending = len(self._pending)
         if idle < self.min_idle and not pending:
             n = self.min_idle if live == 0 else self.add_step
             for _ in range(min(n, self.max_live - live)):
@@ -4848,13 +5037,13 @@ class ConnectPool:
         if h is None:
             return False
         h._watcher = self
-        self._members.add(h)
-        self._pending.add(h)
+        with self._lock:
+            self._members.add(h)
+            self._pending.add(h)
         try:
             self.connector.connect(self.addr, h, self.connect_timeout_ms)
         except Exception as e:
-            self._pending.discard(h)
-            self._members.discard(h)
+            self._forget(h)
             self._failing = True
             if isinstance(e, OSError):            # e.g. a host name that stopped resolving
                 _log.error("%r: cannot connect: %s", self, e)
@@ -4865,43 +5054,34 @@ class ConnectPool:
 
     # The watcher hook (section 7): each member tells the pool when it opened,
     # failed to connect or closed, from its own poller's thread; the
-    # bookkeeping itself runs on the pool's poller.
-
-    def _here(self, fn: Callable, *args: Any) -> bool:
-        """Post ``fn(*args)`` to the pool's poller unless already on it: True if posted."""
-        if self._poller._foreign():
-            self._poller._post(fn, *args)
-            return True
-        return False
+    # bookkeeping runs there, under the pool's lock (posting it to poller 0
+    # would lose it once that poller has shut down).
 
     def _handler_opened(self, h: IOHandle) -> None:
-        if self._here(self._handler_opened, h):
-            return
-        self._pending.discard(h)
         self._failing = False
+        with self._lock:
+            self._pending.discard(h)
+            if not self._closed and not h.closed and h in self._members:  # (a close came first?)
+                self._idle.append(h)
+                return
         if self._closed:
             h.close()
-        elif not h.closed and h in self._members:     # not closed already (that came first)
-            self._idle.append(h)
 
     def _handler_failed(self, h: IOHandle, err: BaseException) -> None:
-        if self._here(self._handler_failed, h, err):
-            return
         self._failing = True
         self._forget(h)
 
     def _handler_closed(self, h: IOHandle) -> None:
-        if self._here(self._handler_closed, h):
-            return
         self._forget(h)
 
     def _forget(self, h: IOHandle) -> None:
-        self._pending.discard(h)
-        self._members.discard(h)
-        try:
-            self._idle.remove(h)
-        except ValueError:
-            pass
+        with self._lock:
+            self._pending.discard(h)
+            self._members.discard(h)
+            try:
+                self._idle.remove(h)
+            except ValueError:
+                pass
 
 
 # =============================================================================
@@ -5268,13 +5448,13 @@ __all__ += ["serve"]
 
 
 def serve(addr: Union[str, tuple, None], factory: Callable[[], IOHandle], *, workers: int = 1,
-          pollers: int = 1, backend: str = "auto", drain_timeout: float = 10.0, trace: Optional[bool] = None,
+          pollers: Union[int, str] = 1, backend: str = "auto", drain_timeout: float = 10.0, trace: Optional[bool] = None,
           ready: Optional[Callable[[Any], None]] = None, setup: Optional[Callable[[Reactor], None]] = None,
           slow_callback_ms: Optional[float] = None, **acceptor_kw: Any) -> int:
     """Serve ``factory`` handlers on ``addr`` until SIGTERM/SIGINT; returns the exit code (0).
 
     ``workers=1`` serves in this process (``pollers`` threads, one REUSEPORT
-    acceptor per poller when pollers > 1).  ``workers=N`` forks N supervised
+    acceptor per poller when pollers > 1; ``"auto"`` as for Reactor).  ``workers=N`` forks N supervised
     worker processes, each with its own Reactor and its own SO_REUSEPORT
     listener (held by the supervisor across restarts and reloads, so no
     queued connection is ever reset); a worker that dies is restarted (with
@@ -5296,7 +5476,7 @@ def serve(addr: Union[str, tuple, None], factory: Callable[[], IOHandle], *, wor
     Main thread only (it installs signal handlers).
     """
     _check_int("workers", workers, 1)
-    _check_pollers(pollers)
+    pollers = _check_pollers(pollers)
     _check_delay("drain_timeout", drain_timeout)
     if slow_callback_ms is not None:
         _check_delay("slow_callback_ms", slow_callback_ms)

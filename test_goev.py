@@ -5173,6 +5173,294 @@ def test_slow_callback_watchdog_names_on_close_and_the_accept(make_reactor, goev
     assert "Acceptor.on_read" in names and "_SlowOpenClose.on_close" in names, names
 
 
+# -- threads: race-hunting stress --------------------------------------------------
+# Many threads at once against several pollers: async_write, post, post_to,
+# close, call_later + cancel, add_handler and stop.  Each test is bounded (a
+# few thousand operations, a few seconds on a loaded machine) and checks
+# exact results -- byte-exact order per handler and per producer thread,
+# exact counters -- so a lost update, a lost wake-up or a double close shows
+# as a wrong number or a timeout, not as a flaky timing.  They run on the GIL
+# builds and on free-threaded CPython with PYTHON_GIL=0 (.ci/run).
+
+STRESS_THREADS = 6
+
+
+class _StressTracked(goev.IOHandle):
+    """A server-side handler that records itself and counts its on_close calls;
+    it reads and discards whatever the peer sends, closing at end of stream."""
+
+    def __init__(self, made):
+        self.made = made
+        self.closes = 0
+
+    def on_open(self):
+        super().on_open()
+        self.made.append(self)
+
+    def on_read(self):
+        data = self.read()
+        return data is None or bool(data)
+
+    def on_close(self):
+        self.closes += 1
+        super().on_close()
+
+
+def _tracked_server(make_reactor, pollers, n):
+    """A reactor with ``pollers`` pollers and ``n`` accepted connections:
+    (reactor, acceptor, server handlers, client sockets)."""
+    made = []
+    r, a = echo_server(make_reactor, pollers, factory=lambda: _StressTracked(made))
+    clients = [socket.create_connection(a.address) for _ in range(n)]
+    wait_until(lambda: len(made) == n and all(h.poller is not None and h.poller._handlers.get(h.fd) is h
+                                              for h in made), what="accepts and registrations")
+    return r, a, made, clients
+
+
+def _run_threads(targets):
+    """Start one thread per callable, all released at once; re-raise the first error."""
+    go = threading.Event()
+    errors = []
+
+    def wrap(fn):
+        go.wait(WAIT)
+        try:
+            fn()
+        except BaseException as e:
+            errors.append(e)
+    ts = [threading.Thread(target=wrap, args=(fn,)) for fn in targets]
+    for t in ts:
+        t.start()
+    go.set()
+    for t in ts:
+        t.join(WAIT * 3)
+    assert not any(t.is_alive() for t in ts), "a stress thread hangs"
+    if errors:
+        raise errors[0]
+
+
+def _records(data):
+    """b"t:k;" records -> {t: [k, ...]} in arrival order."""
+    out: dict = {}
+    for rec in data.split(b";")[:-1]:
+        t, k = rec.split(b":")
+        out.setdefault(int(t), []).append(int(k))
+    return out
+
+
+def _peers(made, clients):
+    """The client socket of each server handler (matched by port)."""
+    ports = {c.getsockname()[1]: c for c in clients}
+    return [ports[h.sock.getpeername()[1]] for h in made]
+
+
+def test_stress_async_write_from_many_threads_keeps_each_threads_order(make_reactor):
+    """Threads async_write to handlers on three pollers while others post, post_to
+    and schedule/cancel timers: every handler's peer gets every record of every
+    thread, each thread's in the order it wrote them; every post runs exactly
+    once; no cancelled timer runs and every other one runs once."""
+    n_conns, per_thread, n_posts, n_timers = 6, 300, 500, 300
+    r, a, made, clients = _tracked_server(make_reactor, 3, n_conns)
+    peer = _peers(made, clients)
+    size = sum(len(b"%d:%d;" % (t, k)) for t in range(STRESS_THREADS) for k in range(per_thread))
+    got = [b""] * n_conns
+
+    def reader(i):
+        got[i] = recv_exact(peer[i], size)
+    readers = [threading.Thread(target=reader, args=(i,)) for i in range(n_conns)]
+    for t in readers:
+        t.start()
+    # Counters kept per poller and bumped on that poller's thread only.
+    posts = [[0] for _ in r.pollers]
+    posts_to = [[0] * n_conns for _ in r.pollers]
+    fired = [[] for _ in r.pollers]
+    cancelled = []
+
+    def on_post():
+        posts[r.current_poller().index][0] += 1
+
+    def on_post_to(i):
+        posts_to[r.current_poller().index][i] += 1
+
+    def writer(t):
+        def run():
+            for k in range(per_thread):
+                for h in made:
+                    h.async_write(b"%d:%d;" % (t, k))
+        return run
+
+    def poster():
+        for _ in range(n_posts):
+            r.post(on_post)
+
+    def poster_to():
+        for _ in range(200):
+            for i, h in enumerate(made):
+                r.post_to(h, on_post_to, i)
+
+    def timers():
+        for k in range(n_timers):
+            p = r.pollers[k % 3]
+            t = p.call_later(0.0 if k % 2 else 60.0, fired[p.index].append, k)
+            if k % 3 == 0:
+                t.cancel()              # (a due one may already be running: it may fire)
+                cancelled.append(k)
+    _run_threads([writer(t) for t in range(STRESS_THREADS)] + [poster, poster_to, timers])
+    for t in readers:
+        t.join(WAIT * 3)
+    for i in range(n_conns):
+        assert len(got[i]) == size, i
+        recs = _records(got[i])
+        for t in range(STRESS_THREADS):
+            assert recs[t] == list(range(per_thread)), (i, t)
+    due = {k for k in range(n_timers) if k % 2 and k % 3}      # zero delay, not cancelled
+    racing = {k for k in range(n_timers) if k % 2 and not k % 3}   # zero delay, then cancelled
+    wait_until(lambda: {k for f in fired for k in f} >= due, what="the due timers")
+    wait_until(lambda: sum(p[0] for p in posts) == n_posts * 3, what="the posts")
+    wait_until(lambda: sum(map(sum, posts_to)) == 200 * n_conns, what="the post_to calls")
+    assert [p[0] for p in posts] == [n_posts] * 3
+    assert [sum(c[i] for c in posts_to) for i in range(n_conns)] == [200] * n_conns
+    ran = sorted(k for f in fired for k in f)
+    assert len(ran) == len(set(ran)) and due <= set(ran) <= due | racing     # each at most once
+    assert all(h.dropped_bytes == 0 and h.closes == 0 for h in made)
+    close_all(*clients)
+
+
+def test_stress_close_racing_async_writes_accounts_for_every_byte(make_reactor):
+    """Writer threads stream to handlers on three pollers while other threads
+    close them: each peer receives a prefix of what its writer wrote, in
+    order, and received + dropped_bytes is exactly what was written; every
+    handler gets on_close exactly once."""
+    n_conns, per_thread = 6, 2000
+    r, a, made, clients = _tracked_server(make_reactor, 3, n_conns)
+    peer = _peers(made, clients)
+    got = [b""] * n_conns
+
+    def reader(i):
+        got[i] = recv_all(peer[i])
+    readers = [threading.Thread(target=reader, args=(i,)) for i in range(n_conns)]
+    for t in readers:
+        t.start()
+    written = [0] * n_conns
+    halfway = [threading.Event() for _ in range(n_conns)]
+
+    def writer(i):
+        def run():
+            for k in range(per_thread):
+                rec = b"%d:%d;" % (i, k)
+                made[i].async_write(rec)
+                written[i] += len(rec)                    # this thread's slot only
+                if k == per_thread // 2:
+                    halfway[i].set()
+        return run
+
+    def closer(i):
+        def run():
+            halfway[i].wait(WAIT)
+            made[i].close()
+            made[i].close()                               # idempotent
+        return run
+
+    def early_closer():
+        for i in range(0, n_conns, 2):
+            made[i].close()
+    _run_threads([writer(i) for i in range(n_conns)] + [closer(i) for i in range(n_conns)] + [early_closer])
+    for t in readers:
+        t.join(WAIT * 3)
+    wait_until(lambda: all(h.closes for h in made), what="every on_close")
+    wait_until(lambda: all(len(got[i]) + made[i].dropped_bytes == written[i] for i in range(n_conns)),
+               what="every byte received or counted as dropped")
+    for i in range(n_conns):
+        recs = _records(got[i]).get(i, [])
+        assert recs == list(range(len(recs)))            # a prefix, in order
+    assert [h.closes for h in made] == [1] * n_conns
+    close_all(*clients)
+
+
+@pytest.mark.parametrize("delay_ms", [0, 5, 20])
+def test_stress_stop_racing_writes_posts_and_registrations(make_reactor, delay_ms):
+    """stop() while threads async_write, post, post_to, schedule and cancel
+    timers and register handlers on three pollers: stop returns with every
+    poller stopped, every handler -- including a registration that came too
+    late to run -- gets on_close exactly once, and every written byte is
+    either received or counted in dropped_bytes."""
+    r, a, made, clients = _tracked_server(make_reactor, 3, 6)
+    peer = _peers(made, clients)
+    got = [b""] * len(made)
+
+    def reader(i):
+        got[i] = recv_all(peer[i])
+    readers = [threading.Thread(target=reader, args=(i,)) for i in range(len(made))]
+    for t in readers:
+        t.start()
+    written = [0] * len(made)
+    late, pairs = [], []
+
+    def writer(i):
+        def run():
+            for k in range(3000):
+                rec = b"%d:%d;" % (i, k)
+                made[i].async_write(rec)
+                written[i] += len(rec)
+        return run
+
+    def poster():
+        for k in range(3000):
+            r.post(len, ())
+            r.post_to(made[k % len(made)], len, ())
+            if k % 10 == 0:
+                try:
+                    r.call_later(0.0 if k % 20 else 60.0, len, ()).cancel()
+                except RuntimeError:                       # stopped
+                    return
+
+    def registrar():
+        for _ in range(200):
+            s1, s2 = socket.socketpair()
+            pairs.append((s1, s2))
+            s1.setblocking(False)
+            h = _StressTracked(late)
+            try:
+                r.add_handler(h, s1.fileno(), goev.EV_IN)
+            except RuntimeError:                           # stopped: never registered
+                h.closes = 1
+            late.append(h)
+
+    def stopper():
+        time.sleep(delay_ms / 1000.0)
+        r.stop(timeout=WAIT)
+    _run_threads([writer(i) for i in range(len(made))] + [poster, registrar, stopper])
+    assert r.stopped
+    for t in readers:
+        t.join(WAIT * 3)
+    wait_until(lambda: all(h.closes for h in made + late), what="every on_close")
+    assert [h.closes for h in made + late] == [1] * (len(made) + len(late))
+    for i in range(len(made)):
+        recs = _records(got[i]).get(i, [])
+        assert recs == list(range(len(recs)))
+        assert len(got[i]) + made[i].dropped_bytes == written[i]
+    close_all(*clients, *(s for pair in pairs for s in pair))
+
+
+def test_stress_posts_to_an_idle_poller_are_never_stranded(make_reactor):
+    """Threads post to idle pollers and each waits for its post to run before
+    the next: a lost wake-up (the inbox/wake-flag handshake) would leave a post
+    waiting for an event that never comes, and time the test out."""
+    r = make_reactor(2)
+    r.start()
+
+    def pinger(t):
+        def run():
+            p = r.pollers[t % 2]
+            for _ in range(1000):
+                done = threading.Event()
+                p._post(done.set)
+                assert done.wait(WAIT), "a post was stranded in the inbox"
+        return run
+    _run_threads([pinger(t) for t in range(4)])
+    r.stop(timeout=WAIT)
+
+
 # =============================================================================
 # 8. Reactor: N pollers, placement, start/stop, cross-thread posts
 # =============================================================================
@@ -5970,6 +6258,17 @@ def test_failed_reactor_construction_leaks_no_fd(monkeypatch):
         with pytest.raises(OSError, match="injected"):
             goev.Reactor(3)
     assert _fd_count() == before
+
+
+def test_pollers_auto_is_the_core_count_without_the_gil_and_one_with_it(make_reactor):
+    """Reactor(pollers="auto"): one poller per usable core when the GIL is off
+    (free-threaded CPython), one under the GIL; any other string is refused."""
+    gil = getattr(sys, "_is_gil_enabled", lambda: True)()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    r = make_reactor("auto")
+    assert len(r.pollers) == (1 if gil else cores)
+    with pytest.raises(TypeError):
+        goev.Reactor("many")
 
 
 # =============================================================================
