@@ -5985,6 +5985,11 @@ def _tls_files_problem(cert: str, key: Optional[str]) -> Optional[str]:
     return None
 
 
+def _pollers_arg(text: str) -> Any:
+    """--pollers: a count, or "auto" (see _check_pollers)."""
+    return text if text == "auto" else int(text)
+
+
 def _main(argv: Optional[list] = None) -> int:           # pragma: no cover - run as a process
     import argparse
     parser = argparse.ArgumentParser(prog="python -m goev", description="goev reactor servers")
@@ -5998,7 +6003,9 @@ def _main(argv: Optional[list] = None) -> int:           # pragma: no cover - ru
         sp.add_argument("addr", metavar="ADDR", nargs="?",
                         help='":8080", "127.0.0.1:8080", "[::1]:8080", "unix:/path"; omitted (or '
                              'ignored) when systemd passes the listening socket (socket activation)')
-        sp.add_argument("--pollers", type=int, default=1, metavar="N", help="poller threads per process (default 1)")
+        sp.add_argument("--pollers", type=_pollers_arg, default=1, metavar="N|auto",
+                        help="poller threads per process (default 1; auto: one per core when the "
+                             "GIL is off, else 1)")
         sp.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (default 1)")
         sp.add_argument("--backend", default="auto", help="auto (default), epoll or selectors")
         sp.add_argument("--trace", action="store_true", default=None,
@@ -6041,6 +6048,8 @@ def _main(argv: Optional[list] = None) -> int:           # pragma: no cover - ru
         handler = logging.StreamHandler()      # stderr; the pid tells workers apart
         handler.setFormatter(logging.Formatter("goev[%(process)d] %(levelname)s: %(message)s"))
         log.addHandler(handler)
+    if args.pollers == "auto":
+        args.pollers = _check_pollers("auto")      # a count from here on (bounds: serve, Reactor)
     if getattr(args, "udp", False):
         return _udp_echo(args, sp)
     factory = _EchoHandler if args.cmd == "echo" else _HttpHandler

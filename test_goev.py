@@ -9763,6 +9763,24 @@ def test_cli_log_level_debug_shows_proxy_rejections():
             assert not lines, err
 
 
+def test_cli_pollers_auto(backend):
+    """--pollers auto: one poller per core with the GIL off, else 1; the banner
+    says how many, and the server echoes and stops on SIGTERM."""
+    gil = getattr(sys, "_is_gil_enabled", lambda: True)()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    want = 1 if gil else cores
+    port = free_port()
+    p = spawn_py(["-m", "goev", "echo", "127.0.0.1:%d" % port, "--pollers", "auto"], env={"GOEV_BACKEND": backend})
+    try:
+        banner = p.stderr.readline()
+        wait_port(port)
+        assert echo_ok(("127.0.0.1", port))
+    finally:
+        assert stop_child(p) == 0
+    assert "x %d poller" % want in banner, banner
+    assert "N|auto" in run_py(["-m", "goev", "echo", "--help"]).stdout
+
+
 def test_cli_refuses_an_absurd_poller_count_up_front():
     """--pollers 100000: one line saying the bound and why, before any thread
     or fd is made (not EMFILE after thousands of pollers)."""
