@@ -1783,10 +1783,17 @@ class _Poller:
 
     # -- the read buffer -----------------------------------------------------------
     def _view(self, n: int) -> memoryview:
-        """The read buffer's first ``n`` bytes as a view, made once per length
-        below _VIEW_CACHE (IOHandle.read hands a cached one out itself), and
-        kept for the last long length (fixed-size messages, a full buffer)."""
+        """The read buffer's first ``n`` bytes as a view: one per length below
+        _VIEW_CACHE, made once and handed out again (a view its user released
+        is made anew), and the last long length's (fixed-size messages, a full
+        buffer).  IOHandle.read and the loop look the cache up themselves."""
         if n < _VIEW_CACHE:
+            v = self._views[n]
+            try:
+                if v:                           # None: a new length
+                    return v
+            except ValueError:                  # released by its user
+                pass
             v = self._views[n] = self._rview[:n]
             return v
         v = self._long_view
@@ -3822,7 +3829,6 @@ class DatagramHandle(IOHandle):
         rview = p._rview
         size = len(rview)
         recv = s.recvfrom_into
-        views = p._views
         for _ in range(_DGRAM_BATCH):
             try:
                 n, addr = recv(rview, 0, _RECV_TRUNC)
@@ -3836,14 +3842,7 @@ class DatagramHandle(IOHandle):
                 continue
             if self._state:                       # closing: flush the queue, read nothing more
                 continue
-            # p._view(n), with read()'s cache of one view per length (see there).
-            v = views[n] if n < _VIEW_CACHE else None
-            try:
-                if not v:
-                    v = p._view(n)
-            except ValueError:                    # a view its user released
-                v = p._view(n)
-            self.on_datagram(v, addr)
+            self.on_datagram(p._view(n), addr)
             if self._state:
                 break
         return True

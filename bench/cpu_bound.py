@@ -26,7 +26,6 @@ lasts ``--seconds``.  Results: printed, and (unless --no-write) the section
 import argparse
 import os
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -39,6 +38,8 @@ ROOT = os.path.dirname(BENCH)
 LOADGEN = os.path.join(BENCH, ".build", "loadgen")
 RESULTS = os.path.join(BENCH, "RESULTS.md")
 HOST = "127.0.0.1"
+sys.path.insert(0, BENCH)
+import run as harness   # noqa: E402  (bench/run.py: free_port, reap)
 FT_PYTHON = os.path.expanduser("~/.cache/goev-ci/python3.13t/bin/python3.13t")
 CONNS = 50
 SIZE = 64
@@ -93,14 +94,6 @@ def serve_main(port, pollers, workers, loops):
 
 # -- the driver -------------------------------------------------------------------
 
-def free_port():
-    s = socket.socket()
-    s.bind((HOST, 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def read_line(f, timeout):
     """One line of a child's stdout within ``timeout`` seconds (select + os.read)."""
     import select
@@ -119,13 +112,7 @@ def read_line(f, timeout):
 
 def stop(p):
     """Stop a child we started, by its pid: SIGTERM (serve drains), then SIGKILL."""
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    harness.reap(p, timeout=15)
 
 
 def probe(port, stop_at, out):
@@ -151,7 +138,7 @@ def probe(port, stop_at, out):
 
 
 def measure(python, pollers, workers, loops, seconds, gil_off):
-    port = free_port()
+    port = harness.free_port()
     env = dict(os.environ)
     env.pop("PYTHON_GIL", None)
     if gil_off:
