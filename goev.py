@@ -2390,6 +2390,7 @@ class _Poller:
                         h.abort()
                 except Exception:
                     self._fault(h, "callback")
+            h = v = None                        # the batch's last handler may be closed: let it go
             if closing:
                 self._finish_closes()
             if timers and timers[0][0] <= now:  # due at this pass's clock (later ones: the next)
