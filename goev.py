@@ -837,8 +837,8 @@ class IOHandle:
     # no run-time cost).  reactor and poller are None until the handler is
     # accepted, connected or registered: typed as set, as every callback sees them.
     fd: int
-    reactor: Reactor
-    poller: _Poller
+    reactor: "Reactor"
+    poller: "_Poller"
     _peer: Any
     error: Optional[BaseException]
     _sock: Any                  # a socket, _BARE (fd-level only) or None once closed
@@ -2092,14 +2092,8 @@ class _Poller:
         comes first; the state test is under the same lock, so no handler
         arrives after _close_all took the arrivals."""
         here = self._mine._is_owned() or self._state == _NEW
-        if here:                            # (_claim written out: an accept's common case)
-            if self._state >= _STOPPING:
-                raise RuntimeError("the reactor is stopping; cannot add %s" % _safe_repr(h))
-            old = self._handlers.get(fd)
-            if old is not None and old is not h:
-                raise ValueError("fd %d is already registered to %s" % (fd, _safe_repr(old)))
-            h.poller = self
-            h._user = events & _EV_ALL
+        if here:
+            self._claim(h, fd, events, self._handlers.get(fd))
             self._handlers[fd] = h
         else:
             with self._lock:
