@@ -244,15 +244,7 @@ def main():
 
 def write_section(text):
     """Replace (or append) the "## CPU-bound handlers" section of RESULTS.md."""
-    try:
-        with open(RESULTS) as f:
-            old = f.read()
-    except FileNotFoundError:
-        old = ""
-    pat = re.compile(r"^## CPU-bound handlers\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pat.sub(lambda m: text + "\n", old) if pat.search(old) else old.rstrip("\n") + "\n\n" + text
-    with open(RESULTS, "w") as f:
-        f.write(new)
+    harness.replace_section(RESULTS, text)
 
 
 if __name__ == "__main__":

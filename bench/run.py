@@ -405,6 +405,25 @@ class LineReader:
         return line.decode(errors="replace")
 
 
+def replace_section(path, body):
+    """Put ``body``, a markdown section that starts with its "## " heading line,
+    into the file at ``path``: in place of the section with that heading if
+    there is one (up to the next "## " heading), else at the end."""
+    heading = body.split("\n", 1)[0]
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = "# goev.py benchmark results\n"
+    pat = re.compile(r"^%s\n.*?(?=^## |\Z)" % re.escape(heading), re.S | re.M)
+    if pat.search(text):
+        text = pat.sub(lambda m: body.rstrip("\n") + "\n\n", text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + body
+    with open(path, "w") as f:
+        f.write(text.rstrip("\n") + "\n")
+
+
 def free_port():
     s = socket.socket()
     s.bind((HOST, 0))

@@ -40,6 +40,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run as harness   # noqa: E402  (bench/run.py: replace_section, reap)
+
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 TICK = os.sysconf("SC_CLK_TCK")
@@ -95,12 +98,7 @@ def start_server(name, port, cert, key):
 
 
 def stop_server(p):
-    p.send_signal(signal.SIGTERM)
-    try:
-        p.wait(20)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
+    harness.reap(p, timeout=20)
     p.stderr.close()
 
 
@@ -275,19 +273,7 @@ def write_section(table, args):
         table,
         "",
     ])
-    try:
-        with open(path) as f:
-            text = f.read()
-    except FileNotFoundError:
-        text = "# goev.py benchmark results\n"
-    # Replace our own section if a previous run wrote one, else append it.
-    pat = re.compile(r"^## TLS\n.*?(?=^## |\Z)", re.S | re.M)
-    if pat.search(text):
-        text = pat.sub(lambda m: body + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + body
-    with open(path, "w") as f:
-        f.write(text)
+    harness.replace_section(path, body)      # ours only: a previous run's section is replaced
 
 
 def main(argv=None):

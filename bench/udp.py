@@ -20,14 +20,15 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run as harness   # noqa: E402  (bench/run.py: replace_section, reap)
+
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 BUILD = os.path.join(BENCH, ".build")
 UDPGEN = os.path.join(BUILD, "udpgen")
 VENV_PY = os.path.join(BENCH, ".venv", "bin", "python")
 TICK = os.sysconf("SC_CLK_TCK")
-MARK_BEGIN = "<!-- udp.py begin -->"
-MARK_END = "<!-- udp.py end -->"
 
 
 def build_udpgen():
@@ -102,12 +103,7 @@ def measure(name, cmd, args, inflight):
         return dict(name=name, inflight=inflight, rate=msgs / elapsed, user_us=(u1 - u0) / msgs * 1e6,
                     sys_us=(s1 - s0) / msgs * 1e6, lost=int(kv["lost"]), msgs=msgs)
     finally:
-        srv.send_signal(signal.SIGINT)
-        try:
-            srv.wait(10)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-            srv.wait()
+        harness.reap(srv, timeout=10, sig=signal.SIGINT)
 
 
 def table(results, args):
@@ -145,16 +141,7 @@ def main():
             % (args.size, args.sockets, " or ".join(map(str, args.inflight)), args.seconds, sys.version.split()[0]))
     print(head + "\n\n" + text)
     if args.write:
-        path = os.path.join(BENCH, "RESULTS.md")
-        with open(path) as f:
-            old = f.read()
-        block = "%s\n## UDP echo\n\n%s\n\n%s\n%s" % (MARK_BEGIN, head, text, MARK_END)
-        if MARK_BEGIN in old:
-            new = old[:old.index(MARK_BEGIN)] + block + old[old.index(MARK_END) + len(MARK_END):]
-        else:
-            new = old.rstrip("\n") + "\n\n" + block + "\n"
-        with open(path, "w") as f:
-            f.write(new)
+        harness.replace_section(os.path.join(BENCH, "RESULTS.md"), "## UDP echo\n\n%s\n\n%s\n" % (head, text))
 
 
 if __name__ == "__main__":
