@@ -3232,6 +3232,8 @@ class Acceptor(IOHandle):
             _open_handler(h)
 
     def on_timeout(self, now_ms: int) -> bool:
+        """The retry timer of an accept episode (_accept_failing): poll the
+        listener again.  Poller thread; ``now_ms`` is monotonic ms."""
         if self._retry:
             self._retry = False
             self._paused = False
@@ -3273,6 +3275,8 @@ class Acceptor(IOHandle):
             p._finish_closes()                      # no loop step will: now
 
     def on_close(self) -> None:
+        """The listener is closed: end a running accept episode's log, unlink
+        a unix socket path.  Poller thread (or the closing thread once stopped)."""
         if self._episode is not None:
             self._episode_ends("stopped listening")
         self.destroy()
